@@ -1,0 +1,38 @@
+# clawbridge: make targets. `make` alone lists them.
+PYTHON ?= python3
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR = $(DESTDIR)$(PREFIX)/bin
+UNITDIR = $(DESTDIR)$(PREFIX)/lib/systemd/system
+
+.PHONY: help run test lint bench install uninstall clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+run:  ## serve on 127.0.0.1:8787 with data in ./.clawhub
+	$(PYTHON) clawbridge.py
+
+test:  ## install pytest when missing, then run the test suite
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
+	$(PYTHON) -m pytest -q tests
+
+lint:  ## syntax and standard-library-only checks
+	$(PYTHON) -m py_compile clawbridge.py clawagent.py
+	$(PYTHON) tests/stdlib_only.py clawbridge.py clawagent.py
+
+bench:  ## performance benchmarks (tests/bench), ratios against a bare http.server
+	$(PYTHON) tests/bench/run.py
+
+install:  ## install both programs and the systemd units under PREFIX (DESTDIR for staging)
+	install -d $(BINDIR) $(UNITDIR)
+	install -m 0755 clawbridge.py $(BINDIR)/clawbridge.py
+	install -m 0755 clawagent.py $(BINDIR)/clawagent.py
+	for unit in systemd/*.service systemd/*.timer; do [ -e "$$unit" ] && install -m 0644 "$$unit" $(UNITDIR)/; done; true
+
+uninstall:  ## remove what install put in place
+	rm -f $(BINDIR)/clawbridge.py $(BINDIR)/clawagent.py
+	for unit in systemd/*.service systemd/*.timer; do [ -e "$$unit" ] && rm -f $(UNITDIR)/$$(basename $$unit); done; true
+
+clean:  ## remove caches and the local data dir of `make run`
+	rm -rf .pytest_cache tests/__pycache__ __pycache__ .clawhub

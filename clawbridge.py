@@ -1,0 +1,2265 @@
+#!/usr/bin/env python3
+"""clawbridge: the central bridge that coordinates a fleet of OpenClaw agents.
+
+Agents on several machines ("instances") register, send heartbeats and get tasks; the bridge knows which
+instances are alive, balances work across them, moves the work of a dead instance to a live one and tells
+agents what changed. One file, standard library only, Python 3.9+.
+
+Run:
+    python3 clawbridge.py                  serve on 127.0.0.1:8787, data in ./.clawhub/
+    python3 clawbridge.py backup DEST      write a consistent copy of the data dir (bridge may be running)
+    python3 clawbridge.py --print-config   show the resolved configuration (secrets redacted)
+    python3 clawbridge.py --help           every flag
+
+Configuration (flags > environment > .env file > defaults):
+    BRIDGE_HOST      address to listen on                      127.0.0.1
+    BRIDGE_PORT      port (PORT is an alias)                   8787
+    BRIDGE_TOKEN     bearer token required on /api/*           (none)
+    BRIDGE_DATA_DIR  data directory                            $STATE_DIRECTORY, else ./.clawhub
+    INSTANCE_ID      this bridge's own instance name           the short host name
+    OFFLINE_AFTER    seconds of silence before offline         300
+    LOG_LEVEL        debug, info, warning or error             info
+    DEBUG            bridge:* (or *) is the same as debug      (none)
+
+Exit codes: 0 ok, 1 runtime failure (data unreadable, data dir in use, port taken), 2 usage or configuration.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import dataclasses
+import email.utils
+import errno
+import fcntl
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple, Optional
+
+# ===== Constants =====
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8787
+DEFAULT_DATA_DIR = ".clawhub"
+DEFAULT_OFFLINE_AFTER = 300.0       # seconds
+DEFAULT_LOG_LEVEL = "info"
+DOTENV_FILE = ".env"
+
+MAX_BODY_BYTES = 1024 * 1024        # larger bodies are refused with 413
+MAX_JSON_DEPTH = 64
+SOCKET_TIMEOUT = 30.0               # a client silent this long mid-request or idle on keep-alive is dropped
+REQUEST_QUEUE_SIZE = 1024           # listen backlog; the stdlib default of 5 stalls bursts of new connections
+SHUTDOWN_GRACE = 10.0               # seconds SIGTERM waits for in-flight requests
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+MAX_NAME = 200                      # names, titles, host names
+MAX_TEXT = 64 * 1024                # descriptions and messages
+MAX_ROLES = 32
+MAX_TAGS = 32
+HISTORY_LIMIT = 50                  # a task keeps its latest history entries
+HEARTBEAT_NOTIFICATIONS = 50        # unread notifications returned with a heartbeat
+DEFAULT_PAGE = 1000                 # GET /api/tasks without ?limit=
+MAX_PAGE = 10000
+
+DEFAULT_MAX_TASKS = 3
+MAX_TASKS_LIMIT = 1000
+MAX_INTERVAL_MS = 7 * 24 * 3600 * 1000
+
+SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
+SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
+FLUSHER_PERIOD = 1.0
+RESTORE_EPOCH_GAP = 1000            # epochs jump this far when a bridge starts on a backup copy
+
+PRIORITIES = ("P0", "P1", "P2", "P3")
+DEFAULT_PRIORITY = "P2"
+LANES = ("queued", "assigned", "in_progress", "blocked", "review", "done", "cancelled")
+LANE_ALIASES = {"proposed": "queued", "development": "in_progress"}
+ACTIVE_LANES = frozenset(("assigned", "in_progress", "blocked", "review"))
+FINISHED_LANES = frozenset(("done", "cancelled"))
+
+log = logging.getLogger("clawbridge")
+
+# ===== Errors =====
+
+
+class BridgeError(Exception):
+    """Every error a client or an operator can cause: an HTTP status, a snake_case code and one sentence."""
+
+    def __init__(self, status, code, message, field=None, extra=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.extra = extra or {}
+        self.headers = headers or {}
+
+    def body(self):
+        error = {"code": self.code, "message": self.message}
+        if self.field:
+            error["field"] = self.field
+        return {"error": error, **self.extra}
+
+
+def bad_request(message, field=None, code="invalid_field"):
+    return BridgeError(400, code, message, field)
+
+
+def not_found(kind, ident):
+    hint = f"; register it first with: python3 clawagent.py register --agent {ident}" if kind == "agent" else ""
+    return BridgeError(404, f"{kind}_not_found", f"No {kind} with id '{ident}'{hint}.")
+
+
+def conflict(code, message, **extra):
+    return BridgeError(409, code, message, extra=extra)
+
+
+def storage_unavailable():
+    return BridgeError(503, "storage_unavailable",
+                       "The bridge cannot write to its data directory right now; the change was not saved. "
+                       "Check the bridge log and free disk space, then retry.")
+
+
+class ConfigError(Exception):
+    """A bad configuration value: the message names the key and what it accepts."""
+
+
+class StorageError(Exception):
+    """The data directory cannot be read, written or trusted; the message names the file."""
+
+
+# ===== Config =====
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Resolved bridge settings. Built by load_config() from flags, environment, .env and defaults."""
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str = ""
+    data_dir: str = DEFAULT_DATA_DIR
+    instance_id: str = ""
+    offline_after: float = DEFAULT_OFFLINE_AFTER
+    log_level: str = DEFAULT_LOG_LEVEL
+    insecure: bool = False
+
+    def redacted(self):
+        """KEY=VALUE lines in the .env format, with secrets hidden."""
+        return "\n".join([
+            f"BRIDGE_HOST={self.host}",
+            f"BRIDGE_PORT={self.port}",
+            f"BRIDGE_TOKEN={'(set, hidden)' if self.token else '(not set)'}",
+            f"BRIDGE_DATA_DIR={self.data_dir}",
+            f"INSTANCE_ID={self.instance_id}",
+            f"OFFLINE_AFTER={self.offline_after:g}",
+            f"LOG_LEVEL={self.log_level}",
+            f"INSECURE={'1' if self.insecure else '0'}",
+        ])
+
+
+def parse_dotenv(text):
+    """Parse the guide's .env format: KEY=VALUE lines, # comment lines, an optional `export `, quoted values,
+    and a trailing `  # comment` after an unquoted value. Returns a dict; a malformed line is a ConfigError."""
+    values = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f".env line {number}: expected KEY=VALUE, got {raw.strip()[:40]!r}")
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            if end < 0:
+                raise ConfigError(f".env line {number}: {key} has an opening {quote} but no closing one")
+            value = value[1:end]
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        values[key] = value
+    return values
+
+
+def add_common_options(parser):
+    parser.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="data directory (BRIDGE_DATA_DIR; default $STATE_DIRECTORY, else ./.clawhub)")
+    parser.add_argument("--env-file", metavar="FILE", default=argparse.SUPPRESS,
+                        help="KEY=VALUE settings file (default: ./.env when present)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS,
+                        help="log verbosity (LOG_LEVEL; default info)")
+
+
+def add_serve_options(parser):
+    parser.add_argument("--host", default=argparse.SUPPRESS,
+                        help="address to listen on (BRIDGE_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", default=argparse.SUPPRESS,
+                        help="port to listen on, 0 for any free port (BRIDGE_PORT or PORT; default 8787)")
+    parser.add_argument("--offline-after", metavar="SECONDS", default=argparse.SUPPRESS,
+                        help="silence after which an instance is offline (OFFLINE_AFTER; default 300)")
+    parser.add_argument("--instance-id", default=argparse.SUPPRESS,
+                        help="this bridge's own instance name (INSTANCE_ID; default the host name)")
+    parser.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                        help="allow listening on a non-loopback address without BRIDGE_TOKEN")
+    parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                        help="print the resolved configuration (token hidden) and exit")
+
+
+def build_parser():
+    """The command line: serve by default, or one of the maintenance commands."""
+    parser = argparse.ArgumentParser(
+        prog="clawbridge.py",
+        description="The central bridge for a fleet of OpenClaw agents: registration, heartbeats, tasks, "
+                    "instance liveness, failover and load balancing over a small JSON HTTP API. "
+                    "With no command it serves.",
+        epilog="Every setting also has an environment variable (table in README.md): flags win over the "
+               "environment, which wins over the .env file. The token is read only from BRIDGE_TOKEN, never "
+               "from a flag, so it does not show in ps. Exit codes: 0 ok, 1 runtime failure (data "
+               "unreadable, data dir in use, port taken), 2 usage or configuration.")
+    add_common_options(parser)
+    add_serve_options(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the bridge (the default)",
+                                description="Run the bridge until SIGTERM or Ctrl-C.")
+    add_common_options(serve)
+    add_serve_options(serve)
+    backup = commands.add_parser(
+        "backup", help="write a consistent copy of the data dir to DEST",
+        description="Write a consistent copy of the data directory to DEST (created if missing; it must hold "
+                    "no bridge data). Safe while the bridge runs: the copy has every change acknowledged "
+                    "before the backup began. Start a bridge on the copy with BRIDGE_DATA_DIR=DEST.")
+    add_common_options(backup)
+    backup.add_argument("dest", metavar="DEST", help="directory to write the copy into")
+    return parser
+
+
+def load_config(argv, environ, dotenv_text):
+    """Resolve settings from argv, the environment and the .env text. Returns (command, Config, args).
+    Pure: no file or network access. A bad value raises ConfigError naming the key."""
+    args = build_parser().parse_args(argv)
+    dotenv = parse_dotenv(dotenv_text or "")
+    flags = vars(args)
+
+    def pick(flag, *keys, default=None):
+        if flag and flag in flags:
+            return str(flags[flag]), "--" + flag.replace("_", "-")
+        for source in (environ, dotenv):
+            for key in keys:
+                if source.get(key, "") != "":
+                    return source[key], key
+        return default, keys[0] if keys else flag
+
+    host, _ = pick("host", "BRIDGE_HOST", default=DEFAULT_HOST)
+    port_text, port_key = pick("port", "BRIDGE_PORT", "PORT", default=str(DEFAULT_PORT))
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{port_key}: must be a whole number from 0 to 65535, got {port_text!r}")
+    offline_text, offline_key = pick("offline_after", "OFFLINE_AFTER", default=str(DEFAULT_OFFLINE_AFTER))
+    try:
+        offline_after = float(offline_text)
+    except ValueError:
+        offline_after = -1.0
+    if not 1 <= offline_after <= 30 * 86400:
+        raise ConfigError(f"{offline_key}: must be a number of seconds from 1 to 2592000, got {offline_text!r}")
+    level, level_key = pick("log_level", "LOG_LEVEL", default=DEFAULT_LOG_LEVEL)
+    level = level.lower()
+    if level == "warn":
+        level = "warning"
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{level_key}: must be debug, info, warning or error, got {level!r}")
+    debug, _ = pick(None, "DEBUG", default="")
+    if "bridge" in debug or debug.strip() == "*":
+        level = "debug"
+    default_dir = environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_DATA_DIR
+    data_dir, _ = pick("data_dir", "BRIDGE_DATA_DIR", default=default_dir)
+    token, _ = pick(None, "BRIDGE_TOKEN", default="")
+    instance_id, instance_key = pick("instance_id", "INSTANCE_ID", default=socket.gethostname().split(".")[0])
+    if not ID_PATTERN.fullmatch(instance_id or ""):
+        raise ConfigError(f"{instance_key}: must be 1-64 characters of A-Z a-z 0-9 . _ - "
+                          f"(not starting with .), got {instance_id!r}")
+    config = Config(host=host, port=int(port_text), token=token, data_dir=data_dir, instance_id=instance_id,
+                    offline_after=offline_after, log_level=level, insecure=bool(flags.get("insecure")))
+    return args.command or "serve", config, args
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ===== Storage =====
+# The data dir holds snapshots (snapshot-<seq>.json, one JSON document each) and journal segments
+# (journal-<first seq>.jsonl, one JSON record per line). Each acknowledged change is one journal record,
+# fsynced before the reply is sent; a snapshot of the whole state is written off the request path every
+# SNAPSHOT_EVERY_CHANGES records or SNAPSHOT_EVERY_SECONDS, and the journal then starts a new segment.
+# The latest two snapshots and every segment after the older one are kept, so a corrupt snapshot falls
+# back to its predecessor plus the journal.
+
+SNAPSHOT_RE = re.compile(r"snapshot-(\d{12})\.json")
+SEGMENT_RE = re.compile(r"journal-(\d{12})\.jsonl")
+LOCK_FILE = "lock"
+SECTIONS = ("agents", "instances", "tasks", "notifications")
+SECTION_KEYS = {"agents": "id", "instances": "instanceId", "tasks": "id", "notifications": "id"}
+FORMAT_NAME = "clawbridge-state"
+FORMAT_VERSION = 1
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, chunks, fsync=os.fsync):
+    """Write an iterable of str chunks to path so that readers see the old file or the whole new one, never
+    a part: a temp file in the same dir, flush, fsync, os.replace, fsync the dir; the temp is removed on
+    failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(temp, "w", encoding="utf-8", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            fsync(out.fileno())
+        os.replace(temp, path)
+        fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def snapshot_chunks(doc):
+    """Serialise a state document piece by piece, so one large json.dumps never holds the interpreter for
+    the whole state while requests wait."""
+    head = {k: v for k, v in doc.items() if k not in SECTIONS}
+    yield json.dumps(head, separators=(",", ":"))[:-1]
+    for section in SECTIONS:
+        yield f',\n"{section}":['
+        for i, item in enumerate(doc.get(section, ())):
+            yield ("\n" if i == 0 else ",\n") + json.dumps(item, separators=(",", ":"))
+        yield "]"
+    yield "}\n"
+
+
+def list_data_files(data_dir):
+    """(snapshots, segments) in the data dir as sorted lists of (seq, file name)."""
+    snapshots, segments = [], []
+    for name in os.listdir(data_dir):
+        match = SNAPSHOT_RE.fullmatch(name)
+        if match:
+            snapshots.append((int(match.group(1)), name))
+        match = SEGMENT_RE.fullmatch(name)
+        if match:
+            segments.append((int(match.group(1)), name))
+    return sorted(snapshots), sorted(segments)
+
+
+def empty_doc():
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq": 0, "meta": {},
+            **{section: [] for section in SECTIONS}}
+
+
+def read_snapshot(path):
+    """Load one snapshot document; StorageError when it is not a complete, well-formed snapshot."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{path} is not valid JSON ({exc})") from None
+    if (not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("seq"), int)
+            or not all(isinstance(doc.get(s), list) for s in SECTIONS)):
+        raise StorageError(f"{path} is not a clawbridge snapshot")
+    if doc.get("version", 0) > FORMAT_VERSION:
+        raise StorageError(f"{path} was written by a newer clawbridge (format {doc.get('version')})")
+    return doc
+
+
+def read_segment(path, expect_seq):
+    """Journal records of one segment from expect_seq on, and whether the segment ended with a torn line.
+    A torn or unreadable line is allowed only as the last one (a crash mid-append, never acknowledged)."""
+    records, torn_at = [], None
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        if torn_at is not None:
+            raise StorageError(f"{path} has a damaged record at byte {torn_at} followed by more records; "
+                               "restore from a backup or move the file away")
+        record = None
+        if line.endswith(b"\n"):
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                record = None
+        if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+            torn_at = offset
+            offset += len(line)
+            continue
+        offset += len(line)
+        if record["seq"] < expect_seq:
+            continue
+        if record["seq"] != expect_seq:
+            raise StorageError(f"{path} jumps from record {expect_seq - 1} to {record['seq']}; records are "
+                               "missing. Restore from a backup.")
+        records.append(record)
+        expect_seq += 1
+    return records, torn_at
+
+
+def apply_record(index, meta, record):
+    """Apply one journal record to documents indexed as {section: {key: item}}."""
+    for op in record.get("ops", ()):
+        kind, section, value = op
+        if kind == "put":
+            index[section][value[SECTION_KEYS[section]]] = value
+        else:
+            index[section].pop(value, None)
+    meta.update(record.get("meta", {}))
+
+
+def load_data(data_dir, repair=False):
+    """Recover the last good state of a data dir as one document: the newest readable snapshot plus the
+    journal after it. With repair, a torn journal tail is cut off so appends continue cleanly.
+    Returns (doc, info); raises StorageError, naming the file, when no good state can be rebuilt."""
+    snapshots, segments = list_data_files(data_dir)
+    if not snapshots and not segments:
+        return empty_doc(), {"fresh": True, "segment": None, "torn": None}
+    problems, bad = [], []
+    candidates = [os.path.join(data_dir, name) for _, name in reversed(snapshots)]
+    if segments and segments[0][0] == 1:
+        candidates.append(None)     # the journal alone, from record 1, is a whole history too
+    for source in candidates:
+        try:
+            doc = read_snapshot(source) if source else empty_doc()
+        except StorageError as exc:
+            problems.append(str(exc))
+            bad.append(source)
+            log.warning("%s; trying an older snapshot", exc)
+            continue
+        try:
+            result = replay(data_dir, doc, segments, repair)
+        except StorageError as exc:
+            problems.append(str(exc))
+            log.warning("%s", exc)
+            continue
+        if repair:
+            for path in bad:    # kept for inspection, out of the way of the next start
+                os.replace(path, path + ".corrupt")
+        return result
+    raise StorageError("no good state can be rebuilt from the data directory " + data_dir + ": "
+                       + "; ".join(problems))
+
+
+def replay(data_dir, doc, segments, repair):
+    index = {s: {item[SECTION_KEYS[s]]: item for item in doc[s]} for s in SECTIONS}
+    meta = dict(doc.get("meta", {}))
+    seq = doc["seq"]
+    needed = [(first, name) for i, (first, name) in enumerate(segments)
+              if i + 1 == len(segments) or segments[i + 1][0] > seq + 1]
+    if needed and needed[0][0] > seq + 1:
+        raise StorageError(f"the journal after record {seq} is missing (first segment {needed[0][1]})")
+    torn = None
+    for i, (first, name) in enumerate(needed):
+        path = os.path.join(data_dir, name)
+        if first > seq + 1:
+            raise StorageError(f"{path} starts at record {first} but record {seq + 1} is missing")
+        records, torn_at = read_segment(path, seq + 1)
+        for record in records:
+            apply_record(index, meta, record)
+        seq += len(records)
+        if torn_at is not None:
+            torn = (path, torn_at)
+            if i + 1 < len(needed):
+                log.warning("%s ends with a damaged record (never acknowledged); it is ignored", path)
+            elif repair:
+                log.warning("%s ends with a torn record from an interrupted write; cutting it off", path)
+                with open(path, "r+b") as f:
+                    f.truncate(torn_at)
+                    os.fsync(f.fileno())
+    result = {k: v for k, v in doc.items() if k not in SECTIONS}
+    result.update(seq=seq, meta=meta, **{s: list(index[s].values()) for s in SECTIONS})
+    return result, {"fresh": False, "segment": needed[-1] if needed else None, "torn": torn}
+
+
+class DirLock:
+    """An exclusive flock on the data dir, so a second bridge on the same data refuses to start."""
+
+    def __init__(self, data_dir):
+        self.path = os.path.join(data_dir, LOCK_FILE)
+        self.fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StorageError(f"another bridge is already using the data directory {os.path.dirname(self.path)}"
+                                   " (stop it first, or give this one another BRIDGE_DATA_DIR)") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Journal:
+    """Append-only journal with group commit: appends happen in order under the caller's state lock, and
+    each writer then waits until an fsync covers its record; concurrent writers share one fsync."""
+
+    def __init__(self, data_dir, next_seq, segment_name=None, fsync=os.fsync):
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self.cond = threading.Condition()
+        self.written = next_seq - 1     # last record handed to the OS
+        self.synced = next_seq - 1      # last record known to be on disk
+        self.syncing = False
+        self.failed = None              # the OSError that broke the journal, until a snapshot repairs it
+        self.fd = None
+        self.fsync_seconds = 0.0
+        self.fsync_count = 0
+        self.open_segment(segment_name or f"journal-{next_seq:012d}.jsonl")
+
+    def open_segment(self, name):
+        self.fd = os.open(os.path.join(self.data_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.segment = name
+        fsync_dir(self.data_dir)
+
+    def append(self, record):
+        """Give one record its seq and write it to the OS; the caller must then wait(seq)."""
+        with self.cond:
+            if self.failed:
+                raise self.failed
+            seq = self.written + 1
+            data = (json.dumps({"seq": seq, **record}, separators=(",", ":")) + "\n").encode("utf-8")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError as exc:
+                self.failed = exc
+                raise
+            self.written = seq
+            return seq
+
+    def wait(self, seq):
+        """Return once record seq is on disk; raise the OSError if the disk refused it."""
+        with self.cond:
+            while self.synced < seq:
+                if self.failed:
+                    raise self.failed
+                if self.syncing:
+                    self.cond.wait()
+                    continue
+                self.syncing = True
+                target, fd = self.written, self.fd
+                self.cond.release()
+                started = time.monotonic()
+                try:
+                    self.fsync(fd)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self.cond.acquire()
+                    self.syncing = False
+                    self.fsync_seconds += time.monotonic() - started
+                    self.fsync_count += 1
+                    self.cond.notify_all()
+                if error:
+                    self.failed = error
+                    raise error
+                self.synced = max(self.synced, target)
+
+    def rotate(self):
+        """Start a new segment after the last written record. Called under the state lock, so no record
+        can be appended meanwhile; returns the seq the new segment follows."""
+        with self.cond:
+            while self.syncing:
+                self.cond.wait()
+            if not self.failed and self.synced < self.written:
+                self.fsync(self.fd)
+                self.synced = self.written
+            os.close(self.fd)
+            self.open_segment(f"journal-{self.written + 1:012d}.jsonl")
+            return self.written
+
+    def recovered(self, failure):
+        with self.cond:
+            if self.failed is failure:
+                self.failed = None
+
+    def close(self):
+        with self.cond:
+            if self.fd is not None:
+                if not self.failed and self.synced < self.written:
+                    self.fsync(self.fd)
+                    self.synced = self.written
+                os.close(self.fd)
+                self.fd = None
+
+
+class Store:
+    """The data dir: its lock, the journal, and snapshots. Knows JSON documents, not the domain."""
+
+    def __init__(self, data_dir, fsync=os.fsync):
+        self.data_dir = os.path.abspath(data_dir)
+        self.fsync = fsync
+        self.lock = DirLock(self.data_dir)
+        self.journal = None
+        self.snapshot_seq = 0
+        self.last_snapshot_at = time.monotonic()
+        self.snapshot_lock = threading.Lock()   # one snapshot writer at a time
+
+    def open(self):
+        """Lock the data dir and recover its state. Returns the state document."""
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.lock.acquire()
+        try:
+            doc, info = load_data(self.data_dir, repair=True)
+            segment = info["segment"]
+            reuse = segment[1] if segment and segment[0] <= doc["seq"] + 1 else None
+            self.journal = Journal(self.data_dir, doc["seq"] + 1, reuse, self.fsync)
+            self.snapshot_seq = doc["seq"] if not info["fresh"] else 0
+            return doc
+        except BaseException:
+            self.lock.release()
+            raise
+
+    @property
+    def healthy(self):
+        return self.journal is not None and self.journal.failed is None
+
+    def append(self, ops, meta=None):
+        record = {"ops": ops}
+        if meta:
+            record["meta"] = meta
+        return self.journal.append(record)
+
+    def wait(self, seq):
+        self.journal.wait(seq)
+
+    def changes_since_snapshot(self):
+        return self.journal.written - self.snapshot_seq
+
+    def write_snapshot(self, doc):
+        """Write doc (whose seq the journal has already rotated past) as the newest snapshot, then drop the
+        files no longer needed: snapshots older than the previous one, and segments before it."""
+        with self.snapshot_lock:
+            seq = doc["seq"]
+            name = f"snapshot-{seq:012d}.json"
+            atomic_write(os.path.join(self.data_dir, name), snapshot_chunks(doc), self.fsync)
+            self.snapshot_seq = max(self.snapshot_seq, seq)
+            self.last_snapshot_at = time.monotonic()
+            snapshots, segments = list_data_files(self.data_dir)
+            keep_from = snapshots[-2][0] if len(snapshots) >= 2 else 0
+            for s_seq, s_name in snapshots[:-2]:
+                self.remove(s_name)
+            for i, (first, s_name) in enumerate(segments[:-1]):
+                if segments[i + 1][0] <= keep_from + 1:
+                    self.remove(s_name)
+
+    def remove(self, name):
+        try:
+            os.unlink(os.path.join(self.data_dir, name))
+        except FileNotFoundError:
+            pass
+
+    def close(self):
+        if self.journal:
+            self.journal.close()
+        self.lock.release()
+
+
+def backup_data(data_dir, dest, attempts=5):
+    """Write a consistent copy of a (possibly live) data dir into dest as one snapshot. The copy holds every
+    change acknowledged before the call began. Returns the document written."""
+    data_dir = os.path.abspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise StorageError(f"there is no data directory at {data_dir}")
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    if any(list_data_files(dest)):
+        raise StorageError(f"{dest} already holds bridge data; give an empty or new directory")
+    for attempt in range(attempts):
+        try:
+            doc, _ = load_data(data_dir, repair=False)
+            break
+        except (FileNotFoundError, StorageError):
+            # the live bridge rotated or pruned files while we read them; read again
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.05)
+    doc["origin"] = "backup"
+    doc["backupAt"] = int(time.time() * 1000)
+    atomic_write(os.path.join(dest, f"snapshot-{doc['seq']:012d}.json"), snapshot_chunks(doc))
+    return doc
+
+
+# ===== Domain =====
+# Pure code: functions take the state, the time (`now`) and the request payload, and decide. Entities are
+# immutable named tuples whose field names are the API's; a change replaces an entity, never edits it, so a
+# snapshot can copy the maps under the lock and serialise them outside it.
+
+
+class Now(NamedTuple):
+    mono: float     # monotonic seconds: liveness and durations
+    ms: int         # wall clock in Unix epoch milliseconds: what the API shows
+
+
+class Agent(NamedTuple):
+    id: str
+    name: str = ""
+    emoji: str = ""
+    roles: tuple = ()
+    model: str = ""
+    workspace: str = ""
+    instanceId: str = "default"
+    hostname: str = ""
+    tailscaleIP: Optional[str] = None
+    heartbeatInterval: Optional[int] = None     # ms, as declared at registration or by the latest beat
+    maxConcurrentTasks: int = DEFAULT_MAX_TASKS
+    metadata: Optional[dict] = None
+    status: str = "online"                      # liveness as the bridge sees it: online or offline
+    reportedStatus: Optional[str] = None        # what the agent's latest beat said of itself (soft)
+    currentTask: Optional[str] = None           # soft
+    lastHeartbeat: Optional[int] = None         # soft: carried by snapshots, not fsynced per beat
+    createdAt: int = 0
+    updatedAt: int = 0
+
+
+class Instance(NamedTuple):
+    instanceId: str
+    hostname: str = ""
+    tailscaleIP: Optional[str] = None
+    drained: bool = False
+    createdAt: int = 0
+    updatedAt: int = 0
+
+
+class Task(NamedTuple):
+    id: str
+    title: str
+    description: str = ""
+    roles: tuple = ()
+    priority: str = DEFAULT_PRIORITY
+    lane: str = "queued"
+    assignedTo: Optional[str] = None
+    preferredInstance: Optional[str] = None
+    tags: tuple = ()
+    epoch: int = 0
+    version: int = 1
+    createdAt: int = 0
+    updatedAt: int = 0
+    history: tuple = ()     # ((at, event, by, note), ...), the latest HISTORY_LIMIT
+
+
+class Notification(NamedTuple):
+    id: str
+    agentId: str
+    type: str = "message"
+    title: str = ""
+    message: str = ""
+    taskId: Optional[str] = None
+    read: bool = False
+    createdAt: int = 0
+    readAt: Optional[int] = None
+
+
+ENTITY_TYPES = {"agents": Agent, "instances": Instance, "tasks": Task, "notifications": Notification}
+TUPLE_FIELDS = {"roles", "tags"}
+
+
+def entity_from_json(cls, item):
+    """Build an entity from its stored JSON, tolerating fields added or dropped between versions."""
+    values = {f: item[f] for f in cls._fields if f in item}
+    for f in TUPLE_FIELDS.intersection(values):
+        values[f] = tuple(values[f])
+    if "history" in values:
+        values["history"] = tuple(tuple(entry) for entry in values["history"])
+    return cls(**values)
+
+
+# --- validation: every field checked, a 400 that names it ---
+
+
+def check_id(value, field="id"):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise bad_request(f"'{field}' must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with '.'",
+                          field, code="invalid_id")
+    return value
+
+
+def get_str(payload, field, limit=MAX_NAME, default=None, required=False):
+    value = payload.get(field)
+    if value is None:
+        if required:
+            raise bad_request(f"'{field}' is required", field, code="missing_field")
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"'{field}' must be a string", field)
+    if len(value) > limit:
+        raise bad_request(f"'{field}' is longer than {limit} characters", field)
+    if required and not value.strip():
+        raise bad_request(f"'{field}' must not be empty", field, code="missing_field")
+    return value
+
+
+def get_int(payload, field, low, high, default=None):
+    value = payload.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise bad_request(f"'{field}' must be a whole number", field)
+    if not low <= value <= high:
+        raise bad_request(f"'{field}' must be from {low} to {high}", field)
+    return int(value)
+
+
+def get_bool(payload, field, default=False):
+    value = payload.get(field, default)
+    if not isinstance(value, bool):
+        raise bad_request(f"'{field}' must be true or false", field)
+    return value
+
+
+def get_words(payload, field, limit, default=()):
+    """A list of short strings, given as a JSON array or a comma-separated string ("qa,testing")."""
+    value = payload.get(field)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_request(f"'{field}' must be an array of strings or a comma-separated string", field)
+    words = tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
+    if len(words) > limit or any(len(w) > 64 for w in words):
+        raise bad_request(f"'{field}' takes at most {limit} entries of at most 64 characters", field)
+    return words
+
+
+def get_optional_id(payload, field):
+    value = payload.get(field)
+    return None if value is None else check_id(value, field)
+
+
+def get_lane(payload, field="lane", default=None):
+    value = payload.get(field)
+    if value is None:
+        return default
+    lane = LANE_ALIASES.get(value, value) if isinstance(value, str) else None
+    if lane not in LANES:
+        raise bad_request(f"'{field}' must be one of {', '.join(LANES)}", field)
+    return LANES[LANES.index(lane)]
+
+
+def get_priority(payload, default=None):
+    value = payload.get("priority")
+    if value is None:
+        return default
+    if value not in PRIORITIES:
+        raise bad_request("'priority' must be one of P0, P1, P2, P3", "priority")
+    return PRIORITIES[PRIORITIES.index(value)]
+
+
+def get_ip(payload, field):
+    value = get_str(payload, field, limit=64)
+    if value in (None, ""):
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise bad_request(f"'{field}' must be an IP address", field) from None
+
+
+# --- the state and its indexes ---
+
+
+class State:
+    """All bridge data in memory with the indexes derived from it. Every durable change goes through a put_
+    or drop_ method, which keeps the indexes right and records the change for the journal."""
+
+    def __init__(self):
+        self.agents = {}
+        self.instances = {}
+        self.tasks = {}
+        self.notifications = {}
+        self.meta = {"lastId": 0}
+        self.active = {}        # agent id -> {task id: None}: its unfinished tasks
+        self.queued = {p: {} for p in PRIORITIES}   # priority -> {task id: None} in queueing order
+        self.members = {}       # instance id -> {agent id: None}
+        self.inbox = {}         # agent id -> {notification id: None} in creation order
+        self.seen = {}          # agent id -> monotonic time of its last beat (never persisted)
+        self.changes = []       # journal ops recorded since the service last took them
+        self.meta_changed = False
+        self.soft_dirty = False
+        self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
+
+    @classmethod
+    def from_doc(cls, doc):
+        state = cls()
+        state.meta.update(doc.get("meta", {}))
+        for section, entity_type in ENTITY_TYPES.items():
+            put = getattr(state, "put_" + section[:-1])
+            for item in doc.get(section, ()):
+                put(entity_from_json(entity_type, item), record=False)
+        return state
+
+    def to_doc(self, seq):
+        """The whole state as a snapshot document. Cheap enough to call under the lock: it copies references
+        to immutable entities; the caller serialises them (snapshot_chunks) outside the lock."""
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq": seq, "savedAt": None,
+                "meta": dict(self.meta),
+                **{section: [e._asdict() for e in getattr(self, section).values()] for section in SECTIONS}}
+
+    def take_changes(self):
+        ops, self.changes = self.changes, []
+        meta = dict(self.meta) if self.meta_changed else None
+        self.meta_changed = False
+        return ops, meta
+
+    def record(self, section, entity, record):
+        if record:
+            self.changes.append(("put", section, entity._asdict()))
+
+    def next_id(self, prefix, now):
+        """A new id that never repeats: it grows by one and never falls behind the wall clock (in ms), so ids
+        stay unique even after a restore from an older backup."""
+        value = max(self.meta["lastId"] + 1, now.ms)
+        self.meta["lastId"] = value
+        self.meta_changed = True
+        return f"{prefix}-{value}"
+
+    def put_agent(self, agent, record=True):
+        old = self.agents.get(agent.id)
+        if old is not None and old.instanceId != agent.instanceId:
+            self.members.get(old.instanceId, {}).pop(agent.id, None)
+        self.members.setdefault(agent.instanceId, {})[agent.id] = None
+        self.active.setdefault(agent.id, {})
+        self.inbox.setdefault(agent.id, {})
+        self.agents[agent.id] = agent
+        self.record("agents", agent, record)
+
+    def drop_agent(self, agent_id):
+        agent = self.agents.pop(agent_id)
+        self.members.get(agent.instanceId, {}).pop(agent_id, None)
+        self.active.pop(agent_id, None)
+        self.inbox.pop(agent_id, None)
+        self.seen.pop(agent_id, None)
+        self.changes.append(("del", "agents", agent_id))
+
+    def put_instance(self, instance, record=True):
+        self.instances[instance.instanceId] = instance
+        self.members.setdefault(instance.instanceId, {})
+        self.record("instances", instance, record)
+
+    def drop_instance(self, instance_id):
+        self.instances.pop(instance_id, None)
+        self.members.pop(instance_id, None)
+        self.changes.append(("del", "instances", instance_id))
+
+    def put_task(self, task, record=True):
+        old = self.tasks.get(task.id)
+        if old is not None:
+            self.unindex_task(old)
+        if task.assignedTo and task.lane in ACTIVE_LANES:
+            self.active.setdefault(task.assignedTo, {})[task.id] = None
+        elif task.lane == "queued":
+            self.queued[task.priority][task.id] = None
+        self.tasks[task.id] = task
+        self.record("tasks", task, record)
+
+    def unindex_task(self, task):
+        if task.assignedTo:
+            self.active.get(task.assignedTo, {}).pop(task.id, None)
+        self.queued[task.priority].pop(task.id, None)
+
+    def drop_task(self, task_id):
+        self.unindex_task(self.tasks.pop(task_id))
+        self.changes.append(("del", "tasks", task_id))
+
+    def put_notification(self, note, record=True):
+        self.notifications[note.id] = note
+        self.inbox.setdefault(note.agentId, {})[note.id] = None
+        self.record("notifications", note, record)
+
+    def drop_notification(self, note_id):
+        note = self.notifications.pop(note_id)
+        self.inbox.get(note.agentId, {}).pop(note_id, None)
+        self.changes.append(("del", "notifications", note_id))
+
+
+# --- reading: what the API shows ---
+
+
+def agent_load(state, agent):
+    return len(state.active.get(agent.id, ())) / max(1, agent.maxConcurrentTasks)
+
+
+def render_agent(state, agent):
+    view = agent._asdict()
+    view["activeTasks"] = list(state.active.get(agent.id, ()))
+    view["workload"] = round(agent_load(state, agent), 3)
+    return view
+
+
+def task_instance(state, task):
+    agent = state.agents.get(task.assignedTo) if task.assignedTo else None
+    return agent.instanceId if agent else None
+
+
+def render_task(state, task):
+    view = task._asdict()
+    view["instanceId"] = task_instance(state, task)
+    view["history"] = [{"at": at, "event": event, "by": by, "note": note} for at, event, by, note in task.history]
+    return view
+
+
+def instance_agents(state, instance_id):
+    return [state.agents[a] for a in state.members.get(instance_id, ())]
+
+
+def instance_status(agents):
+    return "online" if any(a.status == "online" for a in agents) else "offline"
+
+
+def instance_figures(state, instance, now):
+    """Everything the instance endpoints show, computed from its agents."""
+    agents = instance_agents(state, instance.instanceId)
+    online = [a for a in agents if a.status == "online"]
+    status = instance_status(agents)
+    task_count = sum(len(state.active.get(a.id, ())) for a in agents)
+    capacity = sum(a.maxConcurrentTasks for a in online)
+    online_tasks = sum(len(state.active.get(a.id, ())) for a in online)
+    beats = [a.lastHeartbeat for a in agents if a.lastHeartbeat]
+    threshold = instance_threshold(agents, state.offline_after)
+    return {
+        "instanceId": instance.instanceId,
+        "hostname": instance.hostname,
+        "tailscaleIP": instance.tailscaleIP,
+        "status": status,
+        "agentCount": len(agents),
+        "onlineAgents": len(online),
+        "lastHeartbeat": max(beats) if beats else None,
+        "taskCount": task_count,
+        "capacity": capacity,
+        "availableCapacity": max(0, capacity - online_tasks),
+        "healthScore": health_score(state, instance, agents, capacity, online_tasks, threshold, now),
+        "drained": instance.drained,
+        "offlineAfterMs": int(threshold * 1000),
+        "createdAt": instance.createdAt,
+        "updatedAt": instance.updatedAt,
+    }
+
+
+def instance_threshold(agents, offline_after):
+    """Seconds of silence after which an instance is offline: never less than twice the longest interval
+    its agents declared, so a 15-minute cron agent is not declared dead between two beats."""
+    longest = max((a.heartbeatInterval or 0 for a in agents), default=0)
+    return max(offline_after, 2 * longest / 1000.0)
+
+
+def health_score(state, instance, agents, capacity, active, threshold, now):
+    """0-100: 0 when offline; otherwise 100, less up to 50 for load (active / capacity) and up to 30 for
+    how stale the freshest beat is relative to the offline threshold."""
+    if instance_status(agents) != "online":
+        return 0
+    load = active / capacity if capacity else 1.0
+    seen = [state.seen[a.id] for a in agents if a.id in state.seen]
+    staleness = min(1.0, (now.mono - max(seen)) / threshold) if seen else 1.0
+    return max(1, min(100, round(100 - 50 * min(load, 1.0) - 30 * staleness)))
+
+
+# --- writing: the decisions ---
+
+
+def add_history(task, now, event, by=None, note=None):
+    return task.history[-(HISTORY_LIMIT - 1):] + ((now.ms, event, by, note),)
+
+
+def notify(state, now, agent_id, kind, message, task_id=None, title=""):
+    note = Notification(id=state.next_id("ntf", now), agentId=agent_id, type=kind, title=title or kind,
+                        message=message, taskId=task_id, createdAt=now.ms)
+    state.put_notification(note)
+    return note
+
+
+def touch_instance(state, now, instance_id, hostname=None, tailscale_ip=None):
+    """Create the instance on first sight, and keep its host name and address current."""
+    old = state.instances.get(instance_id)
+    if old is None:
+        state.put_instance(Instance(instanceId=instance_id, hostname=hostname or "", tailscaleIP=tailscale_ip,
+                                    createdAt=now.ms, updatedAt=now.ms))
+        return
+    changes = {}
+    if hostname and hostname != old.hostname:
+        changes["hostname"] = hostname
+    if tailscale_ip and tailscale_ip != old.tailscaleIP:
+        changes["tailscaleIP"] = tailscale_ip
+    if changes:
+        state.put_instance(old._replace(updatedAt=now.ms, **changes))
+
+
+def forget_instance_if_empty(state, instance_id):
+    if instance_id in state.instances and not state.members.get(instance_id):
+        state.drop_instance(instance_id)
+
+
+def register_agent(state, now, payload):
+    """Idempotent upsert. A new agent is online at once (registration is its first beat); re-registering
+    keeps its tasks and changes only the fields given. Returns (agent view, created)."""
+    agent_id = check_id(payload.get("id") if "id" in payload else payload.get("agentId"), "id")
+    fields = {
+        "name": get_str(payload, "name"),
+        "emoji": get_str(payload, "emoji", limit=16),
+        "roles": get_words(payload, "roles", MAX_ROLES, default=None),
+        "model": get_str(payload, "model"),
+        "workspace": get_str(payload, "workspace", limit=1024),
+        "instanceId": get_optional_id(payload, "instanceId"),
+        "hostname": get_str(payload, "hostname"),
+        "tailscaleIP": get_ip(payload, "tailscaleIP"),
+        "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
+        "maxConcurrentTasks": get_int(payload, "maxConcurrentTasks", 1, MAX_TASKS_LIMIT),
+    }
+    metadata = payload.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise bad_request("'metadata' must be a JSON object", "metadata")
+    if metadata is not None and len(json.dumps(metadata)) > MAX_TEXT:
+        raise bad_request(f"'metadata' is larger than {MAX_TEXT} bytes", "metadata")
+    fields["metadata"] = metadata
+    given = {k: v for k, v in fields.items() if v is not None}
+    old = state.agents.get(agent_id)
+    base = old or Agent(id=agent_id, name=agent_id, createdAt=now.ms)
+    agent = base._replace(status="online", lastHeartbeat=now.ms, updatedAt=now.ms, **given)
+    state.put_agent(agent)
+    state.seen[agent_id] = now.mono
+    touch_instance(state, now, agent.instanceId, agent.hostname, agent.tailscaleIP)
+    if old is not None and old.instanceId != agent.instanceId:
+        forget_instance_if_empty(state, old.instanceId)
+    assign_queued(state, now)
+    return render_agent(state, state.agents[agent_id]), old is None
+
+
+def get_agent(state, agent_id):
+    agent = state.agents.get(check_id(agent_id))
+    if agent is None:
+        raise not_found("agent", agent_id)
+    return agent
+
+
+def deregister_agent(state, now, agent_id):
+    """Remove an agent; its unfinished tasks go back to the queue (and on to another agent when one fits)."""
+    agent = get_agent(state, agent_id)
+    requeued = []
+    for task_id in list(state.active.get(agent.id, ())):
+        task = state.tasks[task_id]
+        state.put_task(unassigned(task, now, "agent-deregistered"))
+        requeued.append(task_id)
+    for note_id in list(state.inbox.get(agent.id, ())):
+        state.drop_notification(note_id)
+    state.drop_agent(agent.id)
+    forget_instance_if_empty(state, agent.instanceId)
+    assign_queued(state, now)
+    return {"deleted": agent.id, "requeued": requeued}
+
+
+def record_heartbeat(state, now, agent_id, payload):
+    """One beat from one agent: liveness (soft), what it says of itself, and the answer it needs: its tasks,
+    its unread notifications, and the tasks it holds but no longer owns (stop)."""
+    agent = get_agent(state, agent_id)
+    reported = get_str(payload, "status", limit=64)
+    held = held_tasks(payload)
+    durable = {
+        "instanceId": get_optional_id(payload, "instanceId"),
+        "hostname": get_str(payload, "hostname"),
+        "tailscaleIP": get_ip(payload, "tailscaleIP"),
+        "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
+    }
+    durable = {k: v for k, v in durable.items() if v is not None and v != getattr(agent, k)}
+    if reported == "offline":
+        durable["status"] = "offline"
+    elif agent.status != "online":
+        durable["status"] = "online"
+    current = get_str(payload, "currentTask", limit=MAX_NAME, default=agent.currentTask)
+    updated = agent._replace(lastHeartbeat=now.ms, reportedStatus=reported or agent.reportedStatus,
+                             currentTask=current, **durable)
+    if durable:
+        updated = updated._replace(updatedAt=now.ms)
+        state.put_agent(updated)
+        touch_instance(state, now, updated.instanceId, updated.hostname, updated.tailscaleIP)
+        if "instanceId" in durable:
+            forget_instance_if_empty(state, agent.instanceId)
+    else:
+        state.put_agent(updated, record=False)
+        state.soft_dirty = True
+    if updated.status == "online":
+        state.seen[agent.id] = now.mono
+    if durable.get("status") == "online":
+        assign_queued(state, now)
+    return heartbeat_reply(state, now, agent.id, held)
+
+
+def held_tasks(payload):
+    """The tasks an agent says it holds: [{id, epoch}] (or bare ids). Returns {task id: epoch or None}."""
+    value = payload.get("tasks")
+    if value is None:
+        return {}
+    if not isinstance(value, list) or len(value) > MAX_TASKS_LIMIT:
+        raise bad_request(f"'tasks' must be an array of at most {MAX_TASKS_LIMIT} {{id, epoch}} objects", "tasks")
+    held = {}
+    for item in value:
+        if isinstance(item, str):
+            item = {"id": item}
+        if not isinstance(item, dict):
+            raise bad_request("'tasks' entries must be {id, epoch} objects", "tasks")
+        held[check_id(item.get("id"), "tasks[].id")] = get_int(item, "epoch", 0, 2 ** 53)
+    return held
+
+
+def heartbeat_reply(state, now, agent_id, held):
+    agent = state.agents[agent_id]
+    stop = []
+    for task_id, epoch in held.items():
+        task = state.tasks.get(task_id)
+        if (task is None or task.assignedTo != agent_id or task.lane == "cancelled"
+                or (epoch is not None and epoch != task.epoch)):
+            stop.append(task_id)
+    return {
+        "success": True,
+        "agent": render_agent(state, agent),
+        "tasks": [render_task(state, state.tasks[t]) for t in state.active.get(agent_id, ())],
+        "notifications": unread_notifications(state, agent_id, HEARTBEAT_NOTIFICATIONS),
+        "stop": stop,
+        "serverTime": now.ms,
+    }
+
+
+def unread_notifications(state, agent_id, limit=None):
+    return notifications_for(state, agent_id, unread=True, limit=limit)
+
+
+def notifications_for(state, agent_id, unread=False, limit=None):
+    """An agent's notifications, newest first."""
+    found = []
+    for note_id in reversed(list(state.inbox.get(agent_id, ()))):
+        note = state.notifications[note_id]
+        if unread and note.read:
+            continue
+        found.append(note._asdict())
+        if limit and len(found) >= limit:
+            break
+    return found
+
+
+# --- tasks and assignment ---
+
+
+def eligible(state, agent):
+    """Whether an agent may get new work now: online, on an instance that is not drained, with room."""
+    if agent.status != "online":
+        return False
+    instance = state.instances.get(agent.instanceId)
+    if instance is not None and instance.drained:
+        return False
+    return len(state.active.get(agent.id, ())) < agent.maxConcurrentTasks
+
+
+def role_match(task, agent):
+    return not task.roles or any(role in agent.roles for role in task.roles)
+
+
+def rank_key(state, task, agent, health):
+    """Assignment order: lowest workload, then best instance health, then the task's preferred instance,
+    then agent id so that equal candidates are chosen the same way every time."""
+    return (agent_load(state, agent), -health.get(agent.instanceId, 0),
+            agent.instanceId != task.preferredInstance, agent.id)
+
+
+def instance_health_map(state, now):
+    return {iid: instance_figures(state, inst, now)["healthScore"]
+            for iid, inst in state.instances.items()}
+
+
+def best_agent(state, task, candidates, health, exclude=None):
+    best = None
+    for agent in candidates:
+        if agent.id == exclude or not role_match(task, agent) or not eligible(state, agent):
+            continue
+        if best is None or rank_key(state, task, agent, health) < rank_key(state, task, best, health):
+            best = agent
+    return best
+
+
+def assign(state, now, task, agent, kind="task-assigned", by=None, lane="assigned"):
+    """Give task to agent: a new epoch, the new assignee told (kind), the old one told it lost the task."""
+    previous = task.assignedTo
+    epoch = task.epoch + 1
+    updated = task._replace(assignedTo=agent.id, lane=lane, epoch=epoch, version=task.version + 1,
+                            updatedAt=now.ms, history=add_history(task, now, kind, by or agent.id, agent.id))
+    state.put_task(updated)
+    notify(state, now, agent.id, kind, f"Task {task.id} ({task.title[:80]}) is now yours, epoch {epoch}.", task.id)
+    if previous and previous != agent.id and previous in state.agents:
+        notify(state, now, previous, "task-revoked",
+               f"Task {task.id} was moved to {agent.id}; stop working on it.", task.id)
+    return updated
+
+
+def unassigned(task, now, event, by=None):
+    """The task back in the queue with a new epoch, which fences out its former owner."""
+    return task._replace(assignedTo=None, lane="queued", epoch=task.epoch + (1 if task.assignedTo else 0),
+                         version=task.version + 1, updatedAt=now.ms,
+                         history=add_history(task, now, event, by or task.assignedTo))
+
+
+def revoke_notice(state, now, task, reason):
+    if task.assignedTo and task.assignedTo in state.agents:
+        notify(state, now, task.assignedTo, "task-revoked", f"Task {task.id} {reason}; stop working on it.",
+               task.id)
+
+
+def assign_queued(state, now, only=None, exclude=None):
+    """Give queued tasks, highest priority and oldest first, to the best eligible agents. Returns the ids of
+    the tasks assigned."""
+    candidates = [a for a in state.agents.values() if eligible(state, a)]
+    if not candidates:
+        return []
+    health = instance_health_map(state, now)
+    done = []
+    for task_id in (only if only is not None else queue_order(state)):
+        task = state.tasks.get(task_id)
+        if task is None or task.lane != "queued":
+            continue
+        agent = best_agent(state, task, candidates, health, exclude)
+        if agent is None:
+            continue
+        assign(state, now, task, agent, by="bridge")
+        done.append(task_id)
+        candidates = [a for a in candidates if eligible(state, a)]
+        if not candidates:
+            break
+    return done
+
+
+def queue_order(state):
+    """Queued task ids, highest priority first and first queued first within a priority."""
+    for priority in PRIORITIES:
+        yield from list(state.queued[priority])
+
+
+def get_task(state, task_id):
+    task = state.tasks.get(check_id(task_id))
+    if task is None:
+        raise not_found("task", task_id)
+    return task
+
+
+def create_task(state, now, payload):
+    """A new task: assigned at once to the given agent or the best eligible one, else queued."""
+    title = get_str(payload, "title", required=True).strip()
+    task = Task(
+        id=state.next_id("task", now), title=title,
+        description=get_str(payload, "description", limit=MAX_TEXT, default=""),
+        roles=get_words(payload, "roles", MAX_ROLES), priority=get_priority(payload, DEFAULT_PRIORITY),
+        preferredInstance=get_optional_id(payload, "instanceId") or get_optional_id(payload, "preferredInstance"),
+        tags=get_words(payload, "tags", MAX_TAGS), createdAt=now.ms, updatedAt=now.ms,
+        history=((now.ms, "created", None, None),))
+    lane = get_lane(payload, default="queued")
+    target = get_optional_id(payload, "assignedTo")
+    force = get_bool(payload, "force")
+    if lane in FINISHED_LANES:
+        task = task._replace(lane=lane)
+        state.put_task(task)
+    elif target:
+        agent = assignable(state, target, force)
+        state.put_task(task)
+        task = assign(state, now, task, agent, by="api", lane=lane if lane in ACTIVE_LANES else "assigned")
+    else:
+        state.put_task(task)
+        assign_queued(state, now, only=[task.id])
+    return render_task(state, state.tasks[task.id])
+
+
+def assignable(state, agent_id, force):
+    """The agent a client named as assignee, refusing one that is offline or full unless forced."""
+    agent = state.agents.get(agent_id)
+    if agent is None:
+        raise bad_request(f"'assignedTo' names no registered agent ('{agent_id}')", "assignedTo",
+                          code="unknown_agent")
+    if not force:
+        if agent.status != "online":
+            raise conflict("agent_offline", f"Agent {agent_id} is offline; pick another agent or send "
+                           "\"force\": true.", agent=agent_id)
+        if len(state.active.get(agent_id, ())) >= agent.maxConcurrentTasks:
+            raise conflict("agent_full", f"Agent {agent_id} already has {agent.maxConcurrentTasks} active tasks; "
+                           "pick another agent or send \"force\": true.", agent=agent_id)
+    return agent
+
+
+def update_task(state, now, task_id, payload, if_match=None):
+    """PUT: a partial update. assignedTo reassigns (new epoch, both agents told); lane moves the task."""
+    task = get_task(state, task_id)
+    if if_match is not None and if_match.strip() != "*" and if_match.strip() != etag(task):
+        raise BridgeError(412, "precondition_failed",
+                          "The task changed since you read it (If-Match does not match its ETag); read it again.")
+    changes = {}
+    if "title" in payload:
+        changes["title"] = get_str(payload, "title", required=True).strip()
+    if "description" in payload:
+        changes["description"] = get_str(payload, "description", limit=MAX_TEXT, default="")
+    if "roles" in payload:
+        changes["roles"] = get_words(payload, "roles", MAX_ROLES)
+    if "tags" in payload:
+        changes["tags"] = get_words(payload, "tags", MAX_TAGS)
+    if "priority" in payload:
+        changes["priority"] = get_priority(payload, task.priority)
+    if "instanceId" in payload or "preferredInstance" in payload:
+        changes["preferredInstance"] = get_optional_id(payload, "preferredInstance" if "preferredInstance"
+                                                       in payload else "instanceId")
+    lane = get_lane(payload)
+    force = get_bool(payload, "force")
+    reassign = "assignedTo" in payload
+    target = get_optional_id(payload, "assignedTo") if reassign else None
+    agent = assignable(state, target, force) if target and target != task.assignedTo else None
+    if lane in ACTIVE_LANES and not (target or task.assignedTo):
+        raise bad_request(f"lane '{lane}' needs an assignee; give 'assignedTo' too", "lane")
+    if changes:
+        task = task._replace(version=task.version + 1, updatedAt=now.ms,
+                             history=add_history(task, now, "updated", "api", ",".join(sorted(changes))), **changes)
+        state.put_task(task)
+    if agent is not None:
+        task = assign(state, now, task, agent, by="api", lane=lane if lane in ACTIVE_LANES else "assigned")
+    elif reassign and target is None and task.assignedTo:
+        revoke_notice(state, now, task, "was unassigned")
+        task = unassigned(task, now, "unassigned", "api")
+        state.put_task(task)
+    if lane and lane != task.lane:
+        task = move_lane(state, now, task, lane, "api")
+    if task.lane == "queued" or task.lane in FINISHED_LANES:
+        assign_queued(state, now, only=[task.id] if task.lane == "queued" else None)
+    return render_task(state, state.tasks[task.id])
+
+
+def move_lane(state, now, task, lane, by):
+    if lane == "queued":
+        revoke_notice(state, now, task, "was put back in the queue")
+        task = unassigned(task, now, "requeued", by)
+    else:
+        if lane == "cancelled":
+            revoke_notice(state, now, task, "was cancelled")
+        task = task._replace(lane=lane, version=task.version + 1, updatedAt=now.ms,
+                             history=add_history(task, now, lane, by))
+    state.put_task(task)
+    return task
+
+
+def delete_task(state, now, task_id):
+    task = get_task(state, task_id)
+    if task.lane in ACTIVE_LANES:
+        revoke_notice(state, now, task, "was deleted")
+    state.drop_task(task.id)
+    if task.lane in ACTIVE_LANES:
+        assign_queued(state, now)
+    return {"deleted": task.id}
+
+
+def etag(task):
+    return f'"{task.id}-v{task.version}"'
+
+
+# The agent verbs: (lanes the task may be in, lane it moves to).
+VERBS = {
+    "claim": (("queued", "assigned"), "assigned"),
+    "start": (("assigned", "in_progress", "blocked", "review"), "in_progress"),
+    "complete": (("assigned", "in_progress", "blocked", "review", "done"), "done"),
+    "block": (("assigned", "in_progress", "blocked", "review"), "blocked"),
+    "release": (("assigned", "in_progress", "blocked", "review"), "queued"),
+}
+
+
+def agent_verb(state, now, task_id, verb, payload):
+    """claim, start, complete, block, release: fenced by agentId and epoch. A caller that is not the current
+    owner, or holds an old epoch, gets 409 with the current owner and epoch, and the task is untouched."""
+    task = get_task(state, task_id)
+    agent_id = check_id(payload.get("agentId"), "agentId")
+    epoch = get_int(payload, "epoch", 0, 2 ** 53)
+    if epoch is None:
+        raise bad_request("'epoch' is required: send the epoch you were given with the task", "epoch",
+                          code="missing_field")
+    agent = get_agent(state, agent_id)
+    allowed, target = VERBS[verb]
+    claiming_queue = verb == "claim" and task.lane == "queued"
+    owner = task.assignedTo
+    if epoch != task.epoch or (owner != agent_id and not claiming_queue):
+        raise conflict("stale_owner" if owner != agent_id else "stale_epoch",
+                       f"Task {task.id} is held by {owner or 'nobody'} at epoch {task.epoch}; you hold epoch "
+                       f"{epoch}. Stop working on it.", currentAssignee=owner, currentEpoch=task.epoch)
+    if task.lane not in allowed:
+        raise conflict("invalid_transition", f"Task {task.id} is {task.lane}; '{verb}' does not apply.",
+                       currentAssignee=owner, currentEpoch=task.epoch, lane=task.lane)
+    note = get_str(payload, "reason", limit=MAX_TEXT) or get_str(payload, "note", limit=MAX_TEXT)
+    if claiming_queue:
+        if not eligible(state, agent) and not get_bool(payload, "force"):
+            raise conflict("agent_full", f"Agent {agent_id} cannot take more work now (offline, drained or "
+                           "at maxConcurrentTasks).", agent=agent_id)
+        task = assign(state, now, task, agent, by=agent_id)
+    elif verb == "release":
+        task = unassigned(task, now, "released", agent_id)
+        state.put_task(task)
+        assign_queued(state, now, only=[task.id], exclude=agent_id)
+    elif task.lane != target:
+        task = task._replace(lane=target, version=task.version + 1, updatedAt=now.ms,
+                             history=add_history(task, now, verb, agent_id, note))
+        state.put_task(task)
+        if target == "done":
+            assign_queued(state, now)
+    return render_task(state, state.tasks[task.id])
+
+
+def list_tasks(state, now, query):
+    """GET /api/tasks with its filters. Returns (page, total matching)."""
+    limit = query_int(query, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+    offset = query_int(query, "offset", 0, 2 ** 31, 0)
+    lane = get_lane(query)
+    priority = get_priority(query)
+    role = query.get("role")
+    assignee = query.get("assignedTo")
+    instance_id = query.get("instanceId")
+    if assignee in ("", "none", "null"):
+        assignee = None     # ?assignedTo=none lists the unassigned tasks
+    matches = []
+    for task in state.tasks.values():
+        if "assignedTo" in query and task.assignedTo != assignee:
+            continue
+        if ((lane and task.lane != lane) or (priority and task.priority != priority)
+                or (role and role not in task.roles)
+                or (instance_id and task_instance(state, task) != instance_id)):
+            continue
+        matches.append(task)
+    return [render_task(state, t) for t in matches[offset:offset + limit]], len(matches)
+
+
+def query_int(query, field, low, high, default):
+    value = query.get(field)
+    if value is None or value == "":
+        return default
+    if not re.fullmatch(r"\d{1,10}", value) or not low <= int(value) <= high:
+        raise bad_request(f"'{field}' must be a whole number from {low} to {high}", field)
+    return int(value)
+
+
+def list_agents(state, now, query):
+    status, role, instance_id = query.get("status"), query.get("role"), query.get("instanceId")
+    if status is not None and status not in ("online", "offline"):
+        raise bad_request("'status' must be online or offline", "status")
+    source = instance_agents(state, instance_id) if instance_id else state.agents.values()
+    return [render_agent(state, a) for a in source
+            if (not status or a.status == status) and (not role or role in a.roles)]
+
+
+def create_notification(state, now, payload):
+    agent = get_agent(state, check_id(payload.get("agentId"), "agentId"))
+    message = get_str(payload, "message", limit=MAX_TEXT, required=True)
+    note = Notification(id=state.next_id("ntf", now), agentId=agent.id,
+                        type=get_str(payload, "type", limit=64, default="message"),
+                        title=get_str(payload, "title", default=""), message=message,
+                        taskId=get_optional_id(payload, "taskId"), createdAt=now.ms)
+    state.put_notification(note)
+    return note._asdict()
+
+
+def mark_read(state, now, note_id):
+    note = state.notifications.get(check_id(note_id))
+    if note is None:
+        raise not_found("notification", note_id)
+    if not note.read:
+        note = note._replace(read=True, readAt=now.ms)
+        state.put_notification(note)
+    return note._asdict()
+
+
+def list_notifications(state, now, query):
+    unread = query_bool(query, "unread")
+    agent_id = query.get("agentId")
+    if agent_id:
+        get_agent(state, agent_id)
+        return notifications_for(state, agent_id, unread)
+    notes = [n._asdict() for n in reversed(list(state.notifications.values())) if not (unread and n.read)]
+    return notes[:MAX_PAGE]
+
+
+def query_bool(query, field):
+    value = query.get(field, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise bad_request(f"'{field}' must be true or false", field)
+    return value in ("true", "1", "yes")
+
+
+# ===== Service =====
+
+
+class SystemClock:
+    """The real clock. Tests pass their own object with the same now() instead."""
+
+    def now(self):
+        return Now(time.monotonic(), int(time.time() * 1000))
+
+
+class Bridge:
+    """The bridge as a service: the state under one lock, its store and its clock. The HTTP layer and the
+    background threads talk only to this."""
+
+    def __init__(self, store, state, config, clock=None):
+        self.store = store
+        self.state = state
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.lock = threading.Lock()
+        self.started = self.clock.now()
+        state.offline_after = config.offline_after
+        for agent_id, agent in state.agents.items():
+            if agent.status == "online":
+                state.seen[agent_id] = self.started.mono   # a restart gives every instance a full threshold
+
+    @classmethod
+    def open(cls, config, clock=None, fsync=os.fsync):
+        """Lock and load the data dir, then write a snapshot when the state came from a backup copy."""
+        store = Store(config.data_dir, fsync)
+        doc = store.open()
+        state = State.from_doc(doc)
+        bridge = cls(store, state, config, clock)
+        if doc.get("origin") == "backup":
+            bridge.run(rebase_restored)
+            bridge.snapshot()
+        return bridge
+
+    def run(self, fn, *args, mutates=True):
+        """Call a domain function under the state lock, journal what it changed, and return its result once
+        the change (and anything the reader saw) is on disk. A write while storage is failing is a 503."""
+        with self.lock:
+            if mutates and not self.store.healthy:
+                raise storage_unavailable()
+            try:
+                result = fn(self.state, self.clock.now(), *args)
+            finally:
+                ops, meta = self.state.take_changes()
+                if ops or meta:
+                    try:
+                        self.store.append(ops, meta)
+                    except OSError:
+                        log.exception("cannot append to the journal; refusing writes until storage recovers")
+                        raise storage_unavailable() from None
+            seq = self.store.journal.written
+        try:
+            self.store.wait(seq)
+        except OSError:
+            log.exception("cannot fsync the journal; refusing writes until storage recovers")
+            raise storage_unavailable() from None
+        return result
+
+    def read(self, fn, *args):
+        return self.run(fn, *args, mutates=False)
+
+    def snapshot(self):
+        """Write the whole state as a new snapshot, off the request path: only the copy of the maps and the
+        journal rotation hold the lock. Also how storage recovers after a failure."""
+        with self.lock:
+            failure = self.store.journal.failed
+            seq = self.store.journal.rotate()
+            doc = self.state.to_doc(seq)
+            self.state.soft_dirty = False
+        doc["savedAt"] = self.clock.now().ms
+        self.store.write_snapshot(doc)
+        if failure is not None:
+            # memory and disk agree again: everything in memory is in this snapshot
+            self.store.journal.recovered(failure)
+        return seq
+
+    def snapshot_due(self):
+        changes = self.store.changes_since_snapshot()
+        if not self.store.healthy or changes >= SNAPSHOT_EVERY_CHANGES:
+            return True
+        idle = time.monotonic() - self.store.last_snapshot_at
+        return (changes > 0 or self.state.soft_dirty) and idle >= SNAPSHOT_EVERY_SECONDS
+
+    def health(self, detailed):
+        healthy = self.store.healthy
+        body = {"status": "ok" if healthy else "degraded", "version": __version__}
+        if detailed:
+            with self.lock:
+                state = self.state
+                body.update(
+                    instanceId=self.config.instance_id,
+                    uptimeMs=int((self.clock.now().mono - self.started.mono) * 1000),
+                    serverTime=self.clock.now().ms,
+                    agents=len(state.agents),
+                    agentsOnline=sum(1 for a in state.agents.values() if a.status == "online"),
+                    instances=len(state.instances),
+                    tasks=len(state.tasks),
+                    queued=sum(len(q) for q in state.queued.values()),
+                    storage={"writable": healthy, "journalSeq": self.store.journal.written,
+                             "snapshotSeq": self.store.snapshot_seq},
+                )
+        return (200 if healthy else 503), body
+
+    def close(self):
+        """Final snapshot and release of the data dir (SIGTERM path)."""
+        try:
+            if self.store.healthy:
+                self.snapshot()
+        finally:
+            self.store.close()
+
+
+def rebase_restored(state, now):
+    """A bridge starting on a backup copy cannot know which epochs the lost bridge handed out after the
+    backup; jumping every epoch by RESTORE_EPOCH_GAP keeps epochs from ever repeating."""
+    for task in list(state.tasks.values()):
+        state.put_task(task._replace(epoch=task.epoch + RESTORE_EPOCH_GAP, updatedAt=now.ms))
+    state.meta["restoredAt"] = now.ms
+    state.meta_changed = True
+    return None
+
+
+# ===== HTTP =====
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    params: dict
+    query: dict
+    headers: object
+    body: Optional[dict]
+    authorised: bool
+
+
+def h_health(bridge, req):
+    return bridge.health(detailed=req.authorised)
+
+
+def h_agents_register(bridge, req):
+    agent, created = bridge.run(register_agent, require_body(req))
+    return (201 if created else 200), agent
+
+
+def h_agents_list(bridge, req):
+    return 200, bridge.read(list_agents, req.query)
+
+
+def h_agent_get(bridge, req):
+    return 200, bridge.read(lambda s, now: render_agent(s, get_agent(s, req.params["id"])))
+
+
+def h_agent_delete(bridge, req):
+    return 200, bridge.run(deregister_agent, req.params["id"])
+
+
+def h_agent_heartbeat(bridge, req):
+    return 200, bridge.run(record_heartbeat, req.params["id"], req.body or {})
+
+
+def h_agent_tasks(bridge, req):
+    def agent_tasks(state, now):
+        agent = get_agent(state, req.params["id"])
+        return {"agent": render_agent(state, agent),
+                "tasks": [render_task(state, state.tasks[t]) for t in state.active.get(agent.id, ())]}
+    return 200, bridge.read(agent_tasks)
+
+
+def h_agent_notifications(bridge, req):
+    def agent_notes(state, now):
+        return notifications_for(state, get_agent(state, req.params["id"]).id, query_bool(req.query, "unread"))
+    return 200, bridge.read(agent_notes)
+
+
+def h_instances_list(bridge, req):
+    return 200, bridge.read(lambda s, now: [instance_figures(s, i, now) for i in s.instances.values()])
+
+
+def h_instance_get(bridge, req):
+    def one(state, now):
+        instance = state.instances.get(check_id(req.params["id"]))
+        if instance is None:
+            raise not_found("instance", req.params["id"])
+        return instance_figures(state, instance, now)
+    return 200, bridge.read(one)
+
+
+CAPACITY_FIELDS = ("instanceId", "status", "agentCount", "taskCount", "capacity", "availableCapacity",
+                   "healthScore", "drained")
+
+
+def h_instance_capacities(bridge, req):
+    _, instances = h_instances_list(bridge, req)
+    return 200, [{k: figures[k] for k in CAPACITY_FIELDS} for figures in instances]
+
+
+def h_instance_heartbeat(bridge, req):
+    def beat_all(state, now):
+        instance_id = check_id(req.params["id"])
+        members = list(state.members.get(instance_id, ()))
+        if not members:
+            raise not_found("instance", instance_id)
+        body = dict(req.body or {})
+        body.pop("tasks", None)
+        replies = [record_heartbeat(state, now, agent_id, body) for agent_id in members]
+        return {"success": True, "instanceId": instance_id, "agents": [r["agent"]["id"] for r in replies],
+                "serverTime": now.ms}
+    return 200, bridge.run(beat_all)
+
+
+def h_tasks_list(bridge, req):
+    page, total = bridge.read(list_tasks, req.query)
+    return 200, page, {"X-Total-Count": str(total)}
+
+
+def h_tasks_create(bridge, req):
+    return 201, bridge.run(create_task, require_body(req))
+
+
+def h_task_get(bridge, req):
+    def one(state, now):
+        task = get_task(state, req.params["id"])
+        return render_task(state, task), etag(task)
+    task, tag = bridge.read(one)
+    return 200, task, {"ETag": tag}
+
+
+def h_task_update(bridge, req):
+    task = bridge.run(update_task, req.params["id"], require_body(req), req.headers.get("If-Match"))
+    return 200, task, {"ETag": f'"{task["id"]}-v{task["version"]}"'}
+
+
+def h_task_delete(bridge, req):
+    return 200, bridge.run(delete_task, req.params["id"])
+
+
+def task_verb(verb):
+    def handler(bridge, req):
+        return 200, bridge.run(agent_verb, req.params["id"], verb, require_body(req))
+    handler.__name__ = f"h_task_{verb}"
+    return handler
+
+
+def h_notifications_list(bridge, req):
+    return 200, bridge.read(list_notifications, req.query)
+
+
+def h_notifications_create(bridge, req):
+    return 201, bridge.run(create_notification, require_body(req))
+
+
+def h_notification_read(bridge, req):
+    return 200, bridge.run(mark_read, req.params["id"])
+
+
+def h_sync(bridge, req):
+    assigned = bridge.run(lambda state, now: assign_queued(state, now))
+    seq = bridge.snapshot()
+    return 200, {"success": True, "assigned": assigned, "snapshotSeq": seq}
+
+
+ROUTES = [
+    ("GET", "/health", h_health),
+    ("POST", "/api/agents/register", h_agents_register),
+    ("GET", "/api/agents", h_agents_list),
+    ("GET", "/api/agents/{id}", h_agent_get),
+    ("DELETE", "/api/agents/{id}", h_agent_delete),
+    ("POST", "/api/agents/{id}/heartbeat", h_agent_heartbeat),
+    ("GET", "/api/agents/{id}/tasks", h_agent_tasks),
+    ("GET", "/api/agents/{id}/notifications", h_agent_notifications),
+    ("GET", "/api/instances", h_instances_list),
+    ("GET", "/api/instances/capacities", h_instance_capacities),
+    ("GET", "/api/instances/{id}", h_instance_get),
+    ("POST", "/api/instances/{id}/heartbeat", h_instance_heartbeat),
+    ("GET", "/api/tasks", h_tasks_list),
+    ("POST", "/api/tasks", h_tasks_create),
+    ("GET", "/api/tasks/{id}", h_task_get),
+    ("PUT", "/api/tasks/{id}", h_task_update),
+    ("DELETE", "/api/tasks/{id}", h_task_delete),
+    *[("POST", f"/api/tasks/{{id}}/{verb}", task_verb(verb)) for verb in VERBS],
+    ("GET", "/api/notifications", h_notifications_list),
+    ("POST", "/api/notifications", h_notifications_create),
+    ("PUT", "/api/notifications/{id}/read", h_notification_read),
+    ("POST", "/api/sync", h_sync),
+]
+
+
+def split_path(path):
+    return [urllib.parse.unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
+
+
+ROUTE_TABLE = [(method, split_path(pattern), handler) for method, pattern, handler in ROUTES]
+
+
+def resolve(method, path):
+    """Find the handler for a request: (handler, params). The most literal pattern that matches the path
+    wins (/api/agents/register before /api/agents/{id}); a matching path with another method is 405."""
+    parts = split_path(path)
+    best, best_rank = [], None
+    for row_method, pattern, handler in ROUTE_TABLE:
+        if len(pattern) != len(parts):
+            continue
+        params = {}
+        for want, got in zip(pattern, parts):
+            if want.startswith("{"):
+                params[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
+            rank = tuple(not p.startswith("{") for p in pattern)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = [], rank
+            if rank == best_rank:
+                best.append((row_method, handler, params))
+    if not best:
+        raise BridgeError(404, "not_found", f"No endpoint at {path[:200]}; see README.md for the API.")
+    for row_method, handler, params in best:
+        if row_method == method or (method == "HEAD" and row_method == "GET"):
+            return handler, params
+    allowed = sorted({m for m, _, _ in best} | ({"HEAD"} if any(m == "GET" for m, _, _ in best) else set()))
+    raise BridgeError(405, "method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}.",
+                      headers={"Allow": ", ".join(allowed)})
+
+
+def require_body(req):
+    if req.body is None:
+        raise BridgeError(411, "length_required",
+                          "This request needs a JSON body with a Content-Length header.")
+    return req.body
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw):
+    """Decode a request body: UTF-8, JSON, an object, no NaN/Infinity, nested at most MAX_JSON_DEPTH deep."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("The body is not valid UTF-8.", code="invalid_json") from None
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise bad_request(f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.",
+                          code="invalid_json") from None
+    except ValueError as exc:
+        raise bad_request(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
+        raise bad_request(f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
+    if not isinstance(value, dict):
+        raise bad_request("The body must be a JSON object.", code="invalid_json")
+    return value
+
+
+def json_depth(value):
+    depth, level = 0, [(value, 1)]
+    while level:
+        item, d = level.pop()
+        depth = max(depth, d)
+        if isinstance(item, dict):
+            level.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            level.extend((v, d + 1) for v in item)
+    return depth
+
+
+def check_token(config, headers):
+    """Whether the request carries the bridge token (always true when none is configured)."""
+    if not config.token:
+        return True
+    scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), config.token.encode())
+
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "request_timeout",
+               411: "length_required", 413: "body_too_large", 414: "uri_too_long",
+               431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
+               503: "unavailable", 505: "http_version_not_supported"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection. Every do_* goes through _dispatch; every response, errors included, is JSON written
+    in one send."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"clawbridge/{__version__}"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+
+    def _dispatch(self):
+        started = time.perf_counter()
+        bridge = self.server.bridge
+        self.server.enter()
+        self._unread_body = self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        status, size = 500, 0
+        try:
+            try:
+                status, body, headers = self._handle(bridge)
+            except BridgeError as exc:
+                status, body, headers = exc.status, exc.body(), exc.headers
+                if getattr(self, "_unread_body", False):
+                    self.close_connection = True
+            except Exception:
+                log.exception("internal error on %s %s", self.command, self.path.split("?")[0][:200])
+                status, body, headers = 500, BridgeError(500, "internal_error", "Internal error; the bridge "
+                                                         "log has the details.").body(), {}
+                self.close_connection = True
+            size = self.send_json(status, body, headers)
+        finally:
+            self.server.leave()
+            level = logging.DEBUG if self.path == "/health" else logging.INFO
+            log.log(level, "%s %s %d %d %.1fms", self.command, self.path.split("?")[0][:200], status, size,
+                    (time.perf_counter() - started) * 1000)
+
+    def _handle(self, bridge):
+        raw_path, _, query_text = self.path.partition("?")
+        if not raw_path.startswith("/"):
+            raise bad_request("The request target must be a path starting with /.", code="bad_request")
+        handler, params = resolve(self.command, raw_path)
+        authorised = check_token(bridge.config, self.headers)
+        if raw_path.startswith("/api/") and not authorised:
+            raise BridgeError(401, "unauthorized", "Missing or wrong token: send 'Authorization: Bearer "
+                              "<BRIDGE_TOKEN>'.", headers={"WWW-Authenticate": 'Bearer realm="clawbridge"'})
+        for value in params.values():
+            check_id(value, "id")
+        body = self.read_json()
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
+        result = handler(bridge, Request(self.command, raw_path, params, query, self.headers, body, authorised))
+        return result if len(result) == 3 else (*result, {})
+
+    def read_json(self):
+        """The request body as a dict, None when there is none; 411, 413 and 400 for the bad cases."""
+        length_text = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            raise BridgeError(411, "length_required", "Chunked bodies are not accepted; send Content-Length.")
+        if length_text is None:
+            return None
+        if not length_text.strip().isdigit():
+            raise bad_request("Content-Length must be a whole number.", code="bad_request")
+        length = int(length_text)
+        if length > MAX_BODY_BYTES:
+            raise BridgeError(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+        raw = self.rfile.read(length)
+        self._unread_body = False
+        if len(raw) < length:
+            self.close_connection = True
+            raise bad_request("The body ended before Content-Length bytes arrived.", code="bad_request")
+        if not raw.strip():
+            return None
+        return parse_json_body(raw)
+
+    def handle_expect_100(self):
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            self.send_json(413, BridgeError(413, "body_too_large",
+                                            f"The body is larger than {MAX_BODY_BYTES} bytes.").body(), {})
+            return False
+        return super().handle_expect_100()
+
+    def send_json(self, status, body, headers):
+        payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+                 f"Server: {self.server_version}",
+                 f"Date: {email.utils.formatdate(usegmt=True)}",
+                 "Content-Type: application/json; charset=utf-8",
+                 f"Content-Length: {len(payload)}"]
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + payload)
+        return len(payload)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, headers too large, unknown method) as JSON too."""
+        self.close_connection = True
+        text = {501: f"Method {getattr(self, 'command', '')[:20]!r} is not supported by the bridge.",
+                414: "The request line is too long.", 431: "The request headers are too large."}.get(code)
+        error = BridgeError(code, ERROR_CODES.get(code, "bad_request"),
+                            text or "The request is not valid HTTP.")
+        self.send_json(code, error.body(), {})
+        log.info("%s %s %d (rejected by the HTTP parser)", getattr(self, "command", "-")[:20] or "-",
+                 (getattr(self, "path", "") or "-").split("?")[0][:200], code)
+
+    def log_message(self, format, *args):
+        log.debug("http: " + format, *args)
+
+
+class BridgeServer(ThreadingHTTPServer):
+    """The threading HTTP server, tuned: daemon threads, a deep listen backlog, and a count of requests in
+    flight so that SIGTERM can let them finish."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = REQUEST_QUEUE_SIZE
+
+    def __init__(self, address, bridge):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+        self.bridge = bridge
+        self.inflight = 0
+        self.idle = threading.Condition()
+
+    def enter(self):
+        with self.idle:
+            self.inflight += 1
+
+    def leave(self):
+        with self.idle:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout):
+        with self.idle:
+            return self.idle.wait_for(lambda: self.inflight == 0, timeout)
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+# ===== Watchdog =====
+
+
+class Flusher(threading.Thread):
+    """Writes snapshots in the background: every SNAPSHOT_EVERY_CHANGES journal records or
+    SNAPSHOT_EVERY_SECONDS of changes, and retries after a storage failure. Survives its own errors."""
+
+    def __init__(self, bridge, stop, period=FLUSHER_PERIOD):
+        super().__init__(name="flusher", daemon=True)
+        self.bridge, self.stop, self.period = bridge, stop, period
+
+    def run(self):
+        while not self.stop.wait(self.period):
+            try:
+                if self.bridge.snapshot_due():
+                    healthy = self.bridge.store.healthy
+                    self.bridge.snapshot()
+                    if not healthy:
+                        log.warning("storage recovered: a full snapshot was written; accepting writes again")
+            except Exception:
+                log.exception("snapshot failed; will retry")
+
+
+# ===== Entry =====
+
+
+def configure_logging(level):
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+def serve(config, ready=None):
+    """Run the bridge until SIGTERM/SIGINT. Returns an exit code."""
+    if not is_loopback(config.host) and not config.token and not config.insecure:
+        log.error("refusing to listen on %s without BRIDGE_TOKEN: set BRIDGE_TOKEN (recommended) or pass "
+                  "--insecure", config.host)
+        return 2
+    bridge = Bridge.open(config)
+    try:
+        server = BridgeServer((config.host, config.port), bridge)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+        bridge.close()
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=server.serve_forever, name="http", daemon=True), Flusher(bridge, stop)]
+    for thread in threads:
+        thread.start()
+    host, port = server.server_address[:2]
+    log.info("🌉 Bridge running on http://%s:%s (data in %s, version %s)", host, port, bridge.store.data_dir,
+             __version__)
+    if ready:
+        ready(server)
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping: finishing requests in flight")
+    server.shutdown()
+    server.wait_idle(SHUTDOWN_GRACE)
+    server.server_close()
+    bridge.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ)
+    pre = build_parser().parse_args(argv)
+    env_file = getattr(pre, "env_file", None)
+    dotenv_text = ""
+    try:
+        if env_file or os.path.exists(DOTENV_FILE):
+            with open(env_file or DOTENV_FILE, encoding="utf-8") as f:
+                dotenv_text = f.read()
+        command, config, args = load_config(argv, environ, dotenv_text)
+    except ConfigError as exc:
+        print(f"clawbridge: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"clawbridge: cannot read the settings file {env_file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    if getattr(args, "print_config", False):
+        print(config.redacted())
+        return 0
+    try:
+        if command == "backup":
+            doc = backup_data(config.data_dir, args.dest)
+            print(f"backup written to {args.dest}: {len(doc['agents'])} agents, {len(doc['tasks'])} tasks, "
+                  f"journal record {doc['seq']}")
+            return 0
+        return serve(config)
+    except StorageError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot use the data directory: %s (%s)", exc.strerror or exc, exc.filename or "")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
