@@ -17,9 +17,10 @@ test:  ## install pytest when missing, then run the test suite
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
 	$(PYTHON) -m pytest -q tests
 
-lint:  ## syntax and standard-library-only checks
+lint:  ## syntax check, and the test that both programs import only the standard library
 	$(PYTHON) -m py_compile clawbridge.py clawagent.py
-	$(PYTHON) tests/stdlib_only.py clawbridge.py clawagent.py
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
+	$(PYTHON) -m pytest -q tests/test_cli.py -k standard_library
 
 bench:  ## performance benchmarks (tests/bench), ratios against a bare http.server
 	$(PYTHON) tests/bench/run.py
