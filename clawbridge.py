@@ -63,6 +63,7 @@ REQUEST_QUEUE_SIZE = 1024           # listen backlog; the stdlib default of 5 st
 SHUTDOWN_GRACE = 10.0               # seconds SIGTERM waits for in-flight requests
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+RESERVED_IDS = {"agents": {"register"}, "instances": {"capacities"}}   # they would shadow a route
 MAX_NAME = 200                      # names, titles, host names
 MAX_TEXT = 64 * 1024                # descriptions and messages
 MAX_ROLES = 32
@@ -870,6 +871,13 @@ def get_optional_id(payload, field):
     return None if value is None else check_id(value, field)
 
 
+def get_instance_id(payload):
+    value = get_optional_id(payload, "instanceId")
+    if value in RESERVED_IDS["instances"]:
+        raise bad_request(f"'{value}' is reserved; choose another instance id", "instanceId", code="invalid_id")
+    return value
+
+
 def get_lane(payload, field="lane", default=None):
     value = payload.get(field)
     if value is None:
@@ -1136,13 +1144,15 @@ def register_agent(state, now, payload):
     """Idempotent upsert. A new agent is online at once (registration is its first beat); re-registering
     keeps its tasks and changes only the fields given. Returns (agent view, created)."""
     agent_id = check_id(payload.get("id") if "id" in payload else payload.get("agentId"), "id")
+    if agent_id in RESERVED_IDS["agents"]:
+        raise bad_request(f"'{agent_id}' is reserved; choose another agent id", "id", code="invalid_id")
     fields = {
         "name": get_str(payload, "name"),
         "emoji": get_str(payload, "emoji", limit=16),
         "roles": get_words(payload, "roles", MAX_ROLES, default=None),
         "model": get_str(payload, "model"),
         "workspace": get_str(payload, "workspace", limit=1024),
-        "instanceId": get_optional_id(payload, "instanceId"),
+        "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
         "tailscaleIP": get_ip(payload, "tailscaleIP"),
         "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
@@ -1197,7 +1207,7 @@ def record_heartbeat(state, now, agent_id, payload):
     reported = get_str(payload, "status", limit=64)
     held = held_tasks(payload)
     durable = {
-        "instanceId": get_optional_id(payload, "instanceId"),
+        "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
         "tailscaleIP": get_ip(payload, "tailscaleIP"),
         "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),

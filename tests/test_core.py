@@ -1,0 +1,360 @@
+"""The pure domain: registration, assignment order, transitions, fencing, ids, config parsing, routing."""
+import pytest
+
+import clawbridge as cb
+from conftest import FakeClock
+
+
+@pytest.fixture
+def world():
+    """A state, a clock, and helpers to act on them the way the service does."""
+    class World:
+        def __init__(self):
+            self.state = cb.State()
+            self.clock = FakeClock()
+
+        def do(self, fn, *args):
+            result = fn(self.state, self.clock.now(), *args)
+            self.state.take_changes()
+            return result
+
+        def agent(self, agent_id, instance="i1", roles=("dev",), max_tasks=3, **extra):
+            return self.do(cb.register_agent, {"id": agent_id, "instanceId": instance, "roles": list(roles),
+                                               "maxConcurrentTasks": max_tasks, **extra})[0]
+
+        def task(self, title="t", **fields):
+            return self.do(cb.create_task, {"title": title, **fields})
+
+        def active(self, agent_id):
+            return set(self.state.active[agent_id])
+
+    return World()
+
+
+# --- registration ---
+
+def test_register_is_an_idempotent_upsert_that_keeps_tasks(world):
+    world.agent("a1")
+    task = world.task(roles=["dev"])
+    assert task["assignedTo"] == "a1"
+    view, created = world.do(cb.register_agent, {"id": "a1", "name": "Alice", "roles": "dev,qa"})
+    assert not created
+    assert view["name"] == "Alice" and view["roles"] == ("dev", "qa")
+    assert view["activeTasks"] == [task["id"]]
+    assert view["instanceId"] == "i1", "fields not given are kept"
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"id": ".hidden"}, "id"),
+    ({"id": "a" * 65}, "id"),
+    ({"id": "a b"}, "id"),
+    ({"id": "ok", "maxConcurrentTasks": 0}, "maxConcurrentTasks"),
+    ({"id": "ok", "maxConcurrentTasks": True}, "maxConcurrentTasks"),
+    ({"id": "ok", "heartbeatInterval": "fast"}, "heartbeatInterval"),
+    ({"id": "ok", "roles": [1, 2]}, "roles"),
+    ({"id": "ok", "tailscaleIP": "not-an-ip"}, "tailscaleIP"),
+    ({"id": "ok", "metadata": []}, "metadata"),
+    ({"id": "ok", "instanceId": "../etc"}, "instanceId"),
+])
+def test_register_rejects_bad_fields_naming_them(world, payload, field):
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.register_agent, payload)
+    assert err.value.status == 400 and err.value.field == field
+    assert "ok" not in world.state.agents
+
+
+def test_registration_journals_the_agent_and_its_instance(world):
+    cb.register_agent(world.state, world.clock.now(), {"id": "a1", "instanceId": "mac"})
+    ops, _ = world.state.take_changes()
+    assert {(op[0], op[1]) for op in ops} == {("put", "agents"), ("put", "instances")}
+
+
+# --- assignment order ---
+
+def test_assignment_prefers_role_then_lowest_workload(world):
+    world.agent("qa1", roles=["qa"])
+    world.agent("dev1", roles=["dev"])
+    world.agent("dev2", roles=["dev"])
+    first = world.task(roles=["dev"])
+    second = world.task(roles=["dev"])
+    assert {first["assignedTo"], second["assignedTo"]} == {"dev1", "dev2"}, "spread by workload"
+    assert world.task(roles=["qa"])["assignedTo"] == "qa1"
+
+
+def test_assignment_breaks_ties_by_preferred_instance_then_id(world):
+    world.agent("b", instance="mac")
+    world.agent("c", instance="server")
+    assert world.task(instanceId="server")["assignedTo"] == "c"
+    world.do(cb.delete_task, world.state.tasks and next(iter(world.state.tasks)))
+    assert world.task()["assignedTo"] == "b", "equal candidates: lowest agent id"
+
+
+def test_never_above_max_concurrent_tasks_then_queued(world):
+    world.agent("solo", max_tasks=2)
+    lanes = [world.task()["lane"] for _ in range(4)]
+    assert lanes == ["assigned", "assigned", "queued", "queued"]
+    assert len(world.active("solo")) == 2
+
+
+def test_queued_work_goes_out_by_priority_when_capacity_appears(world):
+    low = world.task(priority="P3")
+    urgent = world.task(priority="P0")
+    assert low["lane"] == urgent["lane"] == "queued"
+    world.agent("late", max_tasks=1)
+    assert world.state.tasks[urgent["id"]].assignedTo == "late"
+    assert world.state.tasks[low["id"]].lane == "queued"
+
+
+def test_empty_roles_match_any_agent_and_role_mismatch_queues(world):
+    world.agent("ops", roles=["devops"])
+    assert world.task()["assignedTo"] == "ops"
+    assert world.task(roles=["design"])["lane"] == "queued"
+
+
+def test_completion_frees_capacity_for_queued_work(world):
+    world.agent("solo", max_tasks=1)
+    first = world.task()
+    waiting = world.task()
+    world.do(cb.agent_verb, first["id"], "complete", {"agentId": "solo", "epoch": first["epoch"]})
+    assert world.state.tasks[waiting["id"]].assignedTo == "solo"
+
+
+# --- reassignment, epochs, notifications ---
+
+def test_manual_reassignment_moves_the_task_and_tells_both_agents(world):
+    world.agent("a1")
+    world.agent("a2")
+    task = world.task()
+    owner = task["assignedTo"]
+    other = "a2" if owner == "a1" else "a1"
+    moved = world.do(cb.update_task, task["id"], {"assignedTo": other})
+    assert moved["epoch"] == task["epoch"] + 1 and moved["assignedTo"] == other
+    assert world.active(other) == {task["id"]} and world.active(owner) == set()
+    kinds = {n.agentId: n.type for n in world.state.notifications.values() if n.taskId == task["id"]}
+    assert kinds[other] == "task-assigned"
+    assert any(n.agentId == owner and n.type == "task-revoked" for n in world.state.notifications.values())
+
+
+def test_reassigning_to_a_full_agent_is_refused_unless_forced(world):
+    world.agent("full", max_tasks=1)
+    world.task()
+    world.agent("b")
+    task = world.task()
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.update_task, task["id"], {"assignedTo": "full"})
+    assert err.value.status == 409 and err.value.code == "agent_full"
+    forced = world.do(cb.update_task, task["id"], {"assignedTo": "full", "force": True})
+    assert forced["assignedTo"] == "full"
+
+
+def test_if_match_guards_updates(world):
+    world.agent("a1")
+    task = world.task()
+    tag = cb.etag(world.state.tasks[task["id"]])
+    world.do(cb.update_task, task["id"], {"priority": "P1"}, tag)
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.update_task, task["id"], {"priority": "P0"}, tag)
+    assert err.value.status == 412
+    assert world.state.tasks[task["id"]].priority == "P1"
+
+
+def test_verbs_walk_the_lanes(world):
+    world.agent("a1")
+    task = world.task()
+    body = {"agentId": "a1", "epoch": task["epoch"]}
+    assert world.do(cb.agent_verb, task["id"], "claim", body)["lane"] == "assigned"
+    assert world.do(cb.agent_verb, task["id"], "start", body)["lane"] == "in_progress"
+    assert world.do(cb.agent_verb, task["id"], "block", {**body, "reason": "waiting"})["lane"] == "blocked"
+    assert world.do(cb.agent_verb, task["id"], "complete", body)["lane"] == "done"
+    assert world.do(cb.agent_verb, task["id"], "complete", body)["lane"] == "done", "a retry is harmless"
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.agent_verb, task["id"], "start", body)
+    assert err.value.status == 409 and err.value.code == "invalid_transition"
+
+
+@pytest.mark.parametrize("who,epoch_delta", [("a2", 0), ("a1", -1), ("a1", 1)])
+def test_fencing_refuses_a_stale_owner_and_leaves_the_task_alone(world, who, epoch_delta):
+    world.agent("a1")
+    world.agent("a2", instance="i2")
+    task = world.do(cb.update_task, world.task()["id"], {"assignedTo": "a1"})
+    before = world.state.tasks[task["id"]]
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.agent_verb, task["id"], "complete", {"agentId": who, "epoch": task["epoch"] + epoch_delta})
+    assert err.value.status == 409
+    assert err.value.extra == {"currentAssignee": "a1", "currentEpoch": task["epoch"]}
+    assert world.state.tasks[task["id"]] == before
+
+
+def test_release_requeues_with_a_new_epoch_and_skips_the_releaser(world):
+    world.agent("a1")
+    world.agent("a2")
+    task = world.task()
+    owner = task["assignedTo"]
+    released = world.do(cb.agent_verb, task["id"], "release", {"agentId": owner, "epoch": task["epoch"]})
+    assert released["assignedTo"] not in (owner, None)
+    assert released["epoch"] == task["epoch"] + 2, "one new epoch for the release, one for the new owner"
+    events = [entry["event"] for entry in released["history"]]
+    assert events[-2:] == ["released", "task-assigned"]
+
+
+def test_claim_pulls_a_queued_task_with_its_current_epoch(world):
+    world.agent("puller", roles=["dev"])
+    task = world.task(roles=["design"])
+    assert task["lane"] == "queued", "no designer: nobody gets it automatically"
+    with pytest.raises(cb.BridgeError):
+        world.do(cb.agent_verb, task["id"], "claim", {"agentId": "puller", "epoch": task["epoch"] + 3})
+    claimed = world.do(cb.agent_verb, task["id"], "claim", {"agentId": "puller", "epoch": task["epoch"]})
+    assert claimed["assignedTo"] == "puller" and claimed["epoch"] == task["epoch"] + 1
+
+
+def test_heartbeat_reports_tasks_no_longer_owned(world):
+    world.agent("a1")
+    world.agent("a2")
+    task = world.do(cb.update_task, world.task()["id"], {"assignedTo": "a1"})
+    world.do(cb.update_task, task["id"], {"assignedTo": "a2"})
+    reply = world.do(cb.record_heartbeat, "a1", {"tasks": [{"id": task["id"], "epoch": task["epoch"]}]})
+    assert reply["stop"] == [task["id"]]
+    assert any(n["type"] == "task-revoked" for n in reply["notifications"])
+    reply = world.do(cb.record_heartbeat, "a2", {"tasks": [{"id": task["id"], "epoch": task["epoch"] + 1}]})
+    assert reply["stop"] == [] and [t["id"] for t in reply["tasks"]] == [task["id"]]
+
+
+def test_a_plain_heartbeat_is_soft_state(world):
+    world.agent("a1")
+    world.clock.advance(5)
+    cb.record_heartbeat(world.state, world.clock.now(), "a1", {"status": "working"})
+    ops, _ = world.state.take_changes()
+    assert ops == [], "no journal record for a beat that changes only liveness"
+    assert world.state.agents["a1"].lastHeartbeat == world.clock.ms
+    assert world.state.agents["a1"].reportedStatus == "working"
+    assert world.state.soft_dirty
+
+
+def test_a_goodbye_beat_takes_the_agent_offline(world):
+    world.agent("a1")
+    world.do(cb.record_heartbeat, "a1", {"status": "offline"})
+    assert world.state.agents["a1"].status == "offline"
+    assert world.task()["lane"] == "queued", "offline agents get no work"
+
+
+def test_deregistering_requeues_and_reassigns(world):
+    world.agent("a1")
+    task = world.task()
+    world.agent("a2")
+    world.do(cb.update_task, task["id"], {"assignedTo": "a1"})
+    world.do(cb.deregister_agent, "a1")
+    assert "a1" not in world.state.agents
+    assert world.state.tasks[task["id"]].assignedTo == "a2"
+
+
+# --- ids and state documents ---
+
+def test_ids_grow_and_never_fall_behind_the_clock():
+    state, clock = cb.State(), FakeClock()
+    first = state.next_id("task", clock.now())
+    second = state.next_id("task", clock.now())
+    assert int(second.split("-")[1]) == int(first.split("-")[1]) + 1
+    state.meta["lastId"] = 5     # as after a restore of an old backup
+    assert int(state.next_id("task", clock.now()).split("-")[1]) >= clock.ms
+
+
+def test_state_document_round_trip(world):
+    world.agent("a1", hostname="mac.local", tailscaleIP="100.64.0.7", metadata={"k": 1})
+    world.task(roles=["dev"], tags=["x"])
+    world.task(lane="done")
+    copy = cb.State.from_doc(world.state.to_doc(seq=7))
+    for section in cb.SECTIONS:
+        assert getattr(copy, section) == getattr(world.state, section)
+    assert copy.active == world.state.active and copy.meta == world.state.meta
+
+
+# --- config ---
+
+def test_dotenv_reads_the_guides_format():
+    text = ("BRIDGE_URL=http://100.64.1.1:8787\n# Heartbeat\nHEARTBEAT_INTERVAL=900000  # 15 minutes\n"
+            "export LOG_LEVEL=debug\nQUOTED=\"a # not a comment\"\n\nEMPTY=\n")
+    assert cb.parse_dotenv(text) == {"BRIDGE_URL": "http://100.64.1.1:8787", "HEARTBEAT_INTERVAL": "900000",
+                                     "LOG_LEVEL": "debug", "QUOTED": "a # not a comment", "EMPTY": ""}
+
+
+def test_dotenv_names_the_bad_line():
+    with pytest.raises(cb.ConfigError, match="line 2"):
+        cb.parse_dotenv("A=1\nnot a setting\n")
+
+
+def test_config_precedence_flags_env_dotenv_defaults():
+    _, config, _ = cb.load_config(["--port", "9001"], {"BRIDGE_PORT": "9002", "BRIDGE_HOST": "::1"},
+                                  "BRIDGE_PORT=9003\nBRIDGE_HOST=10.0.0.1\nOFFLINE_AFTER=120\n")
+    assert (config.port, config.host, config.offline_after) == (9001, "::1", 120)
+    _, config, _ = cb.load_config([], {}, "")
+    assert (config.port, config.host, config.data_dir) == (8787, "127.0.0.1", ".clawhub")
+    _, config, _ = cb.load_config([], {"PORT": "7000", "STATE_DIRECTORY": "/var/lib/clawbridge"}, "")
+    assert (config.port, config.data_dir) == (7000, "/var/lib/clawbridge")
+
+
+def test_debug_variable_turns_on_debug_logging():
+    assert cb.load_config([], {"DEBUG": "bridge:*", "LOG_LEVEL": "info"}, "")[1].log_level == "debug"
+    assert cb.load_config([], {}, "DEBUG=*\n")[1].log_level == "debug"
+
+
+@pytest.mark.parametrize("env,key", [
+    ({"BRIDGE_PORT": "abc"}, "BRIDGE_PORT"), ({"PORT": "70000"}, "PORT"),
+    ({"OFFLINE_AFTER": "-1"}, "OFFLINE_AFTER"), ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"INSTANCE_ID": "has space"}, "INSTANCE_ID"),
+])
+def test_bad_config_values_name_the_key(env, key):
+    with pytest.raises(cb.ConfigError, match=key):
+        cb.load_config([], env, "")
+
+
+def test_printed_config_hides_the_token():
+    _, config, _ = cb.load_config([], {"BRIDGE_TOKEN": "hunter2"}, "")
+    assert "hunter2" not in config.redacted() and "BRIDGE_TOKEN=(set, hidden)" in config.redacted()
+
+
+# --- routing and request bodies ---
+
+@pytest.mark.parametrize("method,path,handler,params", [
+    ("POST", "/api/agents/register", cb.h_agents_register, {}),
+    ("GET", "/api/instances/capacities", cb.h_instance_capacities, {}),
+    ("GET", "/api/instances/mac", cb.h_instance_get, {"id": "mac"}),
+    ("HEAD", "/health", cb.h_health, {}),
+    ("PUT", "/api/notifications/n-1/read", cb.h_notification_read, {"id": "n-1"}),
+])
+def test_resolve_finds_the_route(method, path, handler, params):
+    found, got = cb.resolve(method, path)
+    assert found is handler and got == params
+
+
+@pytest.mark.parametrize("payload", [{"id": "register"}, {"id": "x", "instanceId": "capacities"}])
+def test_ids_that_collide_with_routes_are_refused(world, payload):
+    with pytest.raises(cb.BridgeError) as err:
+        world.do(cb.register_agent, payload)
+    assert err.value.status == 400
+
+
+def test_resolve_answers_404_and_405_with_allow():
+    with pytest.raises(cb.BridgeError) as err:
+        cb.resolve("GET", "/api/agents/register")
+    assert err.value.status == 405 and err.value.headers["Allow"] == "POST"
+    with pytest.raises(cb.BridgeError) as err:
+        cb.resolve("GET", "/api/nothing")
+    assert err.value.status == 404
+    with pytest.raises(cb.BridgeError) as err:
+        cb.resolve("DELETE", "/api/tasks")
+    assert err.value.status == 405 and err.value.headers["Allow"] == "GET, HEAD, POST"
+
+
+@pytest.mark.parametrize("raw", [
+    b"{", b"[1]", b'{"a": NaN}', b'{"a": -Infinity}', b"\xff\xfe", b"[" * 65 + b"]" * 65,
+    b'{"a":' + b"[" * 70 + b"]" * 70 + b"}", b"[" * 100000 + b"]" * 100000,
+])
+def test_bad_bodies_are_400(raw):
+    with pytest.raises(cb.BridgeError) as err:
+        cb.parse_json_body(raw)
+    assert err.value.status == 400 and err.value.code == "invalid_json"
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    body = b'{"a":' + b"[" * 62 + b"]" * 62 + b"}"
+    assert cb.parse_json_body(body)["a"] is not None
