@@ -27,6 +27,7 @@ Exit codes: 0 ok, 1 runtime failure (data unreadable, data dir in use, port take
 __version__ = "0.1.0"
 
 import argparse
+import bisect
 import dataclasses
 import email.utils
 import errno
@@ -81,6 +82,15 @@ SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
 SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
 FLUSHER_PERIOD = 1.0
 RESTORE_EPOCH_GAP = 1000            # epochs jump this far when a bridge starts on a backup copy
+
+WATCHDOG_PERIOD = 0.5               # seconds between two liveness sweeps
+SWEEP_GAP = 5.0                     # a longer pause between sweeps (suspend, stall) re-baselines liveness
+DISRUPTION_SHARE = 0.55             # one sweep expiring this share of online instances (and at least
+DISRUPTION_MIN = 3                  # this many) is taken for a fault on the bridge's side: nothing moves
+ANTI_FLAP_BEATS = 2                 # on-time beats a returning instance sends before it gets new work
+BEAT_SPACING = 1.0                  # beats closer together than this count once towards the hold
+FLAP_WINDOW = 3600.0                # offline transitions this recent lower the health score
+FLAP_PENALTY, FLAP_PENALTY_MAX = 10, 30
 
 PRIORITIES = ("P0", "P1", "P2", "P3")
 DEFAULT_PRIORITY = "P2"
@@ -925,6 +935,11 @@ class State:
         self.members = {}       # instance id -> {agent id: None}
         self.inbox = {}         # agent id -> {notification id: None} in creation order
         self.seen = {}          # agent id -> monotonic time of its last beat (never persisted)
+        self.hold = {}          # instance id -> [beats still needed, time of the last counted beat]
+        self.flaps = {}         # instance id -> monotonic times it went offline, within FLAP_WINDOW
+        self.disruption = False
+        self.last_sweep = None
+        self.events = []        # (level, message) for the service to log once the lock is released
         self.changes = []       # journal ops recorded since the service last took them
         self.meta_changed = False
         self.soft_dirty = False
@@ -948,10 +963,15 @@ class State:
                 **{section: [e._asdict() for e in getattr(self, section).values()] for section in SECTIONS}}
 
     def take_changes(self):
+        """The journal ops, meta and log events since the last call."""
         ops, self.changes = self.changes, []
+        events, self.events = self.events, []
         meta = dict(self.meta) if self.meta_changed else None
         self.meta_changed = False
-        return ops, meta
+        return ops, meta, events
+
+    def say(self, level, message):
+        self.events.append((level, message))
 
     def record(self, section, entity, record):
         if record:
@@ -1062,29 +1082,31 @@ def instance_figures(state, instance, now):
     """Everything the instance endpoints show, computed from its agents."""
     agents = instance_agents(state, instance.instanceId)
     online = [a for a in agents if a.status == "online"]
-    status = instance_status(agents)
-    task_count = sum(len(state.active.get(a.id, ())) for a in agents)
-    capacity = sum(a.maxConcurrentTasks for a in online)
-    online_tasks = sum(len(state.active.get(a.id, ())) for a in online)
     beats = [a.lastHeartbeat for a in agents if a.lastHeartbeat]
-    threshold = instance_threshold(agents, state.offline_after)
+    capacity, active = instance_capacity(state, online)
     return {
         "instanceId": instance.instanceId,
         "hostname": instance.hostname,
         "tailscaleIP": instance.tailscaleIP,
-        "status": status,
+        "status": instance_status(agents),
         "agentCount": len(agents),
         "onlineAgents": len(online),
         "lastHeartbeat": max(beats) if beats else None,
-        "taskCount": task_count,
+        "taskCount": sum(len(state.active.get(a.id, ())) for a in agents),
         "capacity": capacity,
-        "availableCapacity": max(0, capacity - online_tasks),
-        "healthScore": health_score(state, instance, agents, capacity, online_tasks, threshold, now),
+        "availableCapacity": max(0, capacity - active),
+        "healthScore": health_score(state, instance.instanceId, now),
         "drained": instance.drained,
-        "offlineAfterMs": int(threshold * 1000),
+        "hold": instance.instanceId in state.hold,
+        "offlineAfterMs": int(instance_threshold(agents, state.offline_after) * 1000),
         "createdAt": instance.createdAt,
         "updatedAt": instance.updatedAt,
     }
+
+
+def instance_capacity(state, online):
+    """(capacity, active tasks) of an instance's online agents."""
+    return (sum(a.maxConcurrentTasks for a in online), sum(len(state.active.get(a.id, ())) for a in online))
 
 
 def instance_threshold(agents, offline_after):
@@ -1094,15 +1116,21 @@ def instance_threshold(agents, offline_after):
     return max(offline_after, 2 * longest / 1000.0)
 
 
-def health_score(state, instance, agents, capacity, active, threshold, now):
-    """0-100: 0 when offline; otherwise 100, less up to 50 for load (active / capacity) and up to 30 for
-    how stale the freshest beat is relative to the offline threshold."""
-    if instance_status(agents) != "online":
+def health_score(state, instance_id, now):
+    """0-100, 0 when offline. An online instance starts at 100 and loses up to 50 for load (active tasks /
+    capacity), up to 30 for staleness (time since its freshest beat / its offline threshold) and 10 per
+    time it went offline in the last hour (at most 30); it never drops below 1 while online."""
+    agents = instance_agents(state, instance_id)
+    online = [a for a in agents if a.status == "online"]
+    if not online:
         return 0
-    load = active / capacity if capacity else 1.0
-    seen = [state.seen[a.id] for a in agents if a.id in state.seen]
-    staleness = min(1.0, (now.mono - max(seen)) / threshold) if seen else 1.0
-    return max(1, min(100, round(100 - 50 * min(load, 1.0) - 30 * staleness)))
+    capacity, active = instance_capacity(state, online)
+    load = min(1.0, active / capacity) if capacity else 1.0
+    last = max((state.seen.get(a.id, now.mono) for a in online), default=now.mono)
+    staleness = min(1.0, max(0.0, now.mono - last) / instance_threshold(agents, state.offline_after))
+    flaps = sum(1 for t in state.flaps.get(instance_id, ()) if now.mono - t <= FLAP_WINDOW)
+    penalty = min(FLAP_PENALTY_MAX, FLAP_PENALTY * flaps)
+    return max(1, min(100, round(100 - 50 * load - 30 * staleness - penalty)))
 
 
 # --- writing: the decisions ---
@@ -1168,11 +1196,12 @@ def register_agent(state, now, payload):
     old = state.agents.get(agent_id)
     base = old or Agent(id=agent_id, name=agent_id, createdAt=now.ms)
     agent = base._replace(status="online", lastHeartbeat=now.ms, updatedAt=now.ms, **given)
+    was = instance_state(state, agent.instanceId)
     state.put_agent(agent)
-    state.seen[agent_id] = now.mono
     touch_instance(state, now, agent.instanceId, agent.hostname, agent.tailscaleIP)
     if old is not None and old.instanceId != agent.instanceId:
         forget_instance_if_empty(state, old.instanceId)
+    note_beat(state, now, agent, was)
     assign_queued(state, now)
     return render_agent(state, state.agents[agent_id]), old is None
 
@@ -1185,27 +1214,50 @@ def get_agent(state, agent_id):
 
 
 def deregister_agent(state, now, agent_id):
-    """Remove an agent; its unfinished tasks go back to the queue (and on to another agent when one fits)."""
+    """Remove an agent; its unfinished tasks move to other agents, or back to the queue."""
     agent = get_agent(state, agent_id)
-    requeued = []
-    for task_id in list(state.active.get(agent.id, ())):
-        task = state.tasks[task_id]
-        state.put_task(unassigned(task, now, "agent-deregistered"))
-        requeued.append(task_id)
+    moved = take_offline(state, now, [agent.id])
     for note_id in list(state.inbox.get(agent.id, ())):
         state.drop_notification(note_id)
     state.drop_agent(agent.id)
     forget_instance_if_empty(state, agent.instanceId)
-    assign_queued(state, now)
-    return {"deleted": agent.id, "requeued": requeued}
+    return {"deleted": agent.id, **moved}
 
 
-def record_heartbeat(state, now, agent_id, payload):
-    """One beat from one agent: liveness (soft), what it says of itself, and the answer it needs: its tasks,
-    its unread notifications, and the tasks it holds but no longer owns (stop)."""
-    agent = get_agent(state, agent_id)
+def instance_state(state, instance_id):
+    """'new', 'online' or 'offline': where an instance stands before a beat changes it."""
+    if instance_id not in state.instances:
+        return "new"
+    return instance_status(instance_agents(state, instance_id))
+
+
+def note_beat(state, now, agent, instance_was):
+    """Liveness bookkeeping for one beat of an online agent. An instance coming back from offline is online
+    at once but on hold (no new work) for ANTI_FLAP_BEATS further on-time beats. Returns True when this
+    beat released a hold."""
+    state.seen[agent.id] = now.mono
+    instance_id = agent.instanceId
+    if instance_was == "offline":
+        state.hold[instance_id] = [ANTI_FLAP_BEATS, now.mono]
+        state.say(logging.INFO, f"instance {instance_id} is back online; new work after {ANTI_FLAP_BEATS} "
+                                "more on-time beats")
+        return False
+    hold = state.hold.get(instance_id)
+    if hold is None or now.mono - hold[1] < BEAT_SPACING:
+        return False
+    hold[0] -= 1
+    hold[1] = now.mono
+    if hold[0] > 0:
+        return False
+    del state.hold[instance_id]
+    state.say(logging.INFO, f"instance {instance_id} is steady again and takes new work")
+    return True
+
+
+def apply_beat(state, now, agent, payload):
+    """One beat from one agent: liveness (soft), what it says of itself (soft), and any change to where it
+    runs or how often it beats (durable). Returns True when the beat may have made room for queued work."""
     reported = get_str(payload, "status", limit=64)
-    held = held_tasks(payload)
     durable = {
         "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
@@ -1213,27 +1265,48 @@ def record_heartbeat(state, now, agent_id, payload):
         "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
     }
     durable = {k: v for k, v in durable.items() if v is not None and v != getattr(agent, k)}
-    if reported == "offline":
-        durable["status"] = "offline"
-    elif agent.status != "online":
-        durable["status"] = "online"
     current = get_str(payload, "currentTask", limit=MAX_NAME, default=agent.currentTask)
-    updated = agent._replace(lastHeartbeat=now.ms, reportedStatus=reported or agent.reportedStatus,
-                             currentTask=current, **durable)
-    if durable:
-        updated = updated._replace(updatedAt=now.ms)
-        state.put_agent(updated)
+    if reported == "offline":
+        # a clean goodbye: offline at once, and its work moves on
+        state.put_agent(agent._replace(status="offline", lastHeartbeat=now.ms, reportedStatus=reported,
+                                       updatedAt=now.ms, **durable))
+        take_offline(state, now, [agent.id])
+        return True
+    was = instance_state(state, durable.get("instanceId", agent.instanceId))
+    updated = agent._replace(status="online", lastHeartbeat=now.ms, currentTask=current,
+                             reportedStatus=reported or agent.reportedStatus, **durable)
+    if durable or agent.status != "online":
+        state.put_agent(updated._replace(updatedAt=now.ms))
         touch_instance(state, now, updated.instanceId, updated.hostname, updated.tailscaleIP)
         if "instanceId" in durable:
             forget_instance_if_empty(state, agent.instanceId)
     else:
         state.put_agent(updated, record=False)
         state.soft_dirty = True
-    if updated.status == "online":
-        state.seen[agent.id] = now.mono
-    if durable.get("status") == "online":
+    released = note_beat(state, now, updated, was)
+    return released or agent.status != "online"
+
+
+def record_heartbeat(state, now, agent_id, payload):
+    """POST /api/agents/{id}/heartbeat: the beat, then the answer the agent needs: its tasks, its unread
+    notifications, and the tasks it holds but no longer owns (stop)."""
+    agent = get_agent(state, agent_id)
+    held = held_tasks(payload)
+    if apply_beat(state, now, agent, payload):
         assign_queued(state, now)
     return heartbeat_reply(state, now, agent.id, held)
+
+
+def record_instance_heartbeat(state, now, instance_id, payload):
+    """POST /api/instances/{id}/heartbeat: one beat for every agent on the instance (clawagent.py run)."""
+    members = list(state.members.get(check_id(instance_id), ()))
+    if not members:
+        raise not_found("instance", instance_id)
+    payload = {k: v for k, v in payload.items() if k in ("status", "hostname", "tailscaleIP", "heartbeatInterval")}
+    room = [apply_beat(state, now, state.agents[agent_id], payload) for agent_id in members]
+    assigned = assign_queued(state, now) if any(room) else []
+    return {"success": True, "instanceId": instance_id, "agents": members, "assigned": assigned,
+            "serverTime": now.ms}
 
 
 def held_tasks(payload):
@@ -1292,8 +1365,9 @@ def notifications_for(state, agent_id, unread=False, limit=None):
 
 
 def eligible(state, agent):
-    """Whether an agent may get new work now: online, on an instance that is not drained, with room."""
-    if agent.status != "online":
+    """Whether an agent may get new work now: online, on an instance neither drained nor on anti-flap hold,
+    with fewer active tasks than its maxConcurrentTasks."""
+    if agent.status != "online" or agent.instanceId in state.hold:
         return False
     instance = state.instances.get(agent.instanceId)
     if instance is not None and instance.drained:
@@ -1305,26 +1379,52 @@ def role_match(task, agent):
     return not task.roles or any(role in agent.roles for role in task.roles)
 
 
-def rank_key(state, task, agent, health):
-    """Assignment order: lowest workload, then best instance health, then the task's preferred instance,
-    then agent id so that equal candidates are chosen the same way every time."""
-    return (agent_load(state, agent), -health.get(agent.instanceId, 0),
-            agent.instanceId != task.preferredInstance, agent.id)
+class Candidates:
+    """The eligible agents in assignment order: lowest workload, then best instance health, then (per
+    task) the preferred instance, then agent id, so equal candidates are chosen the same way every time.
+    Kept sorted as work is handed out, so placing many tasks at once (a failover, a queue pass) costs a
+    short search per task instead of a look at every agent."""
 
+    def __init__(self, state, now, exclude=None):
+        self.state = state
+        self.health = {}
+        self.now = now
+        self.entries = sorted(self.key(a) for a in state.agents.values() if a.id != exclude and eligible(state, a))
 
-def instance_health_map(state, now):
-    return {iid: instance_figures(state, inst, now)["healthScore"]
-            for iid, inst in state.instances.items()}
+    def key(self, agent):
+        if agent.instanceId not in self.health:
+            self.health[agent.instanceId] = health_score(self.state, agent.instanceId, self.now)
+        return (agent_load(self.state, agent), -self.health[agent.instanceId], agent.id)
 
+    def pick(self, task):
+        """The best agent for task, or None."""
+        choice, rank = None, None
+        for load, neg_health, agent_id in self.entries:
+            agent = self.state.agents[agent_id]
+            if rank is not None and (load, neg_health) != rank:
+                break
+            if not role_match(task, agent):
+                continue
+            if rank is None:
+                choice, rank = agent, (load, neg_health)
+            if not task.preferredInstance or agent.instanceId == task.preferredInstance:
+                return agent
+        return choice
 
-def best_agent(state, task, candidates, health, exclude=None):
-    best = None
-    for agent in candidates:
-        if agent.id == exclude or not role_match(task, agent) or not eligible(state, agent):
-            continue
-        if best is None or rank_key(state, task, agent, health) < rank_key(state, task, best, health):
-            best = agent
-    return best
+    def place(self, state, now, task, kind="task-assigned", by="bridge"):
+        """Give task to the best agent and keep the order right. Returns the agent, or None."""
+        agent = self.pick(task)
+        if agent is None:
+            return None
+        old_key = self.key(agent)
+        assign(state, now, task, agent, kind=kind, by=by)
+        del self.entries[bisect.bisect_left(self.entries, old_key)]
+        if eligible(state, agent):
+            bisect.insort(self.entries, self.key(agent))
+        return agent
+
+    def __bool__(self):
+        return bool(self.entries)
 
 
 def assign(state, now, task, agent, kind="task-assigned", by=None, lane="assigned"):
@@ -1357,23 +1457,14 @@ def revoke_notice(state, now, task, reason):
 def assign_queued(state, now, only=None, exclude=None):
     """Give queued tasks, highest priority and oldest first, to the best eligible agents. Returns the ids of
     the tasks assigned."""
-    candidates = [a for a in state.agents.values() if eligible(state, a)]
-    if not candidates:
-        return []
-    health = instance_health_map(state, now)
+    pool = Candidates(state, now, exclude)
     done = []
     for task_id in (only if only is not None else queue_order(state)):
-        task = state.tasks.get(task_id)
-        if task is None or task.lane != "queued":
-            continue
-        agent = best_agent(state, task, candidates, health, exclude)
-        if agent is None:
-            continue
-        assign(state, now, task, agent, by="bridge")
-        done.append(task_id)
-        candidates = [a for a in candidates if eligible(state, a)]
-        if not candidates:
+        if not pool:
             break
+        task = state.tasks.get(task_id)
+        if task is not None and task.lane == "queued" and pool.place(state, now, task):
+            done.append(task_id)
     return done
 
 
@@ -1381,6 +1472,110 @@ def queue_order(state):
     """Queued task ids, highest priority first and first queued first within a priority."""
     for priority in PRIORITIES:
         yield from list(state.queued[priority])
+
+
+# --- liveness and failover ---
+
+
+def take_offline(state, now, agent_ids):
+    """Mark agents offline and move their unfinished work: each task goes to the best eligible agent
+    elsewhere with a new epoch (a task-reassigned notice to the new owner, task-revoked to the old), or
+    back to the queue when nobody fits. Returns {"reassigned": {task: agent}, "queued": [tasks]}."""
+    orphans = []
+    for agent_id in agent_ids:
+        agent = state.agents[agent_id]
+        if agent.status != "offline":
+            state.put_agent(agent._replace(status="offline", updatedAt=now.ms))
+        state.seen.pop(agent_id, None)
+        orphans.extend(state.tasks[t] for t in state.active.get(agent_id, ()))
+    orphans.sort(key=lambda t: (t.priority, t.createdAt, t.id))
+    pool = Candidates(state, now)
+    moved = {"reassigned": {}, "queued": []}
+    for task in orphans:
+        agent = pool.place(state, now, task, kind="task-reassigned", by="failover")
+        if agent is not None:
+            moved["reassigned"][task.id] = agent.id
+        else:
+            revoke_notice(state, now, task, "was put back in the queue because its agent went offline")
+            state.put_task(unassigned(task, now, "requeued", "failover"))
+            moved["queued"].append(task.id)
+    return moved
+
+
+def rebaseline(state, now):
+    """Treat every online agent as heard from now: after a start, or a pause of the bridge itself (a
+    suspended VM, a stalled process), so that the bridge's own silence is not blamed on the fleet."""
+    for agent in state.agents.values():
+        if agent.status == "online":
+            state.seen[agent.id] = now.mono
+    state.last_sweep = now.mono
+
+
+def sweep(state, now, force=False):
+    """The watchdog's pass: mark instances offline whose silence exceeds their threshold and move their
+    work. When one pass would expire most of the fleet at once (DISRUPTION_SHARE of the online instances,
+    at least DISRUPTION_MIN) the fault is more likely the bridge's: nothing is marked or moved until beats
+    return, unless force. Returns a report."""
+    gap = now.mono - state.last_sweep if state.last_sweep is not None else 0.0
+    if gap > SWEEP_GAP and not force:
+        rebaseline(state, now)
+        state.say(logging.WARNING, f"the watchdog was paused for {gap:.1f}s (suspend or stall); liveness "
+                                   "restarts from now instead of expiring everyone")
+        return {"offline": [], "reassigned": {}, "queued": [], "disruption": state.disruption,
+                "rebaselined": True}
+    state.last_sweep = now.mono
+    online, expired = 0, []
+    for instance_id in state.instances:
+        agents = instance_agents(state, instance_id)
+        live = [a for a in agents if a.status == "online"]
+        if not live:
+            continue
+        online += 1
+        silence = now.mono - max(state.seen.get(a.id, now.mono) for a in live)
+        if silence > instance_threshold(agents, state.offline_after):
+            expired.append((instance_id, silence, [a.id for a in live]))
+    suspect = len(expired) >= DISRUPTION_MIN and len(expired) >= DISRUPTION_SHARE * online
+    if suspect and not force:
+        if not state.disruption:
+            state.say(logging.WARNING, f"disruption: {len(expired)} of {online} instances went silent at once; "
+                                       "suspecting the bridge's own network, marking nothing offline")
+        state.disruption = True
+        return {"offline": [], "reassigned": {}, "queued": [], "disruption": True,
+                "silent": [e[0] for e in expired]}
+    if state.disruption:
+        state.say(logging.WARNING, "disruption over: beats are back")
+    state.disruption = False
+    report = {"offline": [], "reassigned": {}, "queued": [], "disruption": False}
+    for instance_id, silence, agent_ids in expired:
+        state.hold.pop(instance_id, None)
+        flaps = state.flaps.setdefault(instance_id, [])
+        flaps[:] = [t for t in flaps if now.mono - t <= FLAP_WINDOW] + [now.mono]
+        moved = take_offline(state, now, agent_ids)
+        report["offline"].append(instance_id)
+        report["reassigned"].update(moved["reassigned"])
+        report["queued"].extend(moved["queued"])
+        state.say(logging.WARNING, f"instance {instance_id} is offline (silent {silence:.0f}s); "
+                                   f"{len(moved['reassigned'])} tasks reassigned, {len(moved['queued'])} queued")
+    return report
+
+
+def set_drained(state, now, instance_id, drained):
+    """Drain (no new work, keeps its tasks) or undrain an instance."""
+    instance = state.instances.get(check_id(instance_id))
+    if instance is None:
+        raise not_found("instance", instance_id)
+    if instance.drained != drained:
+        state.put_instance(instance._replace(drained=drained, updatedAt=now.ms))
+    if not drained:
+        assign_queued(state, now)
+    return instance_figures(state, state.instances[instance_id], now)
+
+
+def sync(state, now, force=False):
+    """POST /api/sync: a sweep and an assignment pass now."""
+    report = sweep(state, now, force)
+    report["assigned"] = assign_queued(state, now)
+    return report
 
 
 def get_task(state, task_id):
@@ -1653,9 +1848,7 @@ class Bridge:
         self.lock = threading.Lock()
         self.started = self.clock.now()
         state.offline_after = config.offline_after
-        for agent_id, agent in state.agents.items():
-            if agent.status == "online":
-                state.seen[agent_id] = self.started.mono   # a restart gives every instance a full threshold
+        rebaseline(state, self.started)     # a restart gives every instance one full threshold
 
     @classmethod
     def open(cls, config, clock=None, fsync=os.fsync):
@@ -1678,7 +1871,7 @@ class Bridge:
             try:
                 result = fn(self.state, self.clock.now(), *args)
             finally:
-                ops, meta = self.state.take_changes()
+                ops, meta, events = self.state.take_changes()
                 if ops or meta:
                     try:
                         self.store.append(ops, meta)
@@ -1686,6 +1879,8 @@ class Bridge:
                         log.exception("cannot append to the journal; refusing writes until storage recovers")
                         raise storage_unavailable() from None
             seq = self.store.journal.written
+        for level, message in events:
+            log.log(level, "%s", message)
         try:
             self.store.wait(seq)
         except OSError:
@@ -1733,6 +1928,8 @@ class Bridge:
                     instances=len(state.instances),
                     tasks=len(state.tasks),
                     queued=sum(len(q) for q in state.queued.values()),
+                    disruption=state.disruption,
+                    watchdogAgeMs=int((self.clock.now().mono - (state.last_sweep or self.started.mono)) * 1000),
                     storage={"writable": healthy, "journalSeq": self.store.journal.written,
                              "snapshotSeq": self.store.snapshot_seq},
                 )
@@ -1832,17 +2029,15 @@ def h_instance_capacities(bridge, req):
 
 
 def h_instance_heartbeat(bridge, req):
-    def beat_all(state, now):
-        instance_id = check_id(req.params["id"])
-        members = list(state.members.get(instance_id, ()))
-        if not members:
-            raise not_found("instance", instance_id)
-        body = dict(req.body or {})
-        body.pop("tasks", None)
-        replies = [record_heartbeat(state, now, agent_id, body) for agent_id in members]
-        return {"success": True, "instanceId": instance_id, "agents": [r["agent"]["id"] for r in replies],
-                "serverTime": now.ms}
-    return 200, bridge.run(beat_all)
+    return 200, bridge.run(record_instance_heartbeat, req.params["id"], req.body or {})
+
+
+def h_instance_drain(bridge, req):
+    return 200, bridge.run(set_drained, req.params["id"], True)
+
+
+def h_instance_undrain(bridge, req):
+    return 200, bridge.run(set_drained, req.params["id"], False)
 
 
 def h_tasks_list(bridge, req):
@@ -1891,9 +2086,10 @@ def h_notification_read(bridge, req):
 
 
 def h_sync(bridge, req):
-    assigned = bridge.run(lambda state, now: assign_queued(state, now))
-    seq = bridge.snapshot()
-    return 200, {"success": True, "assigned": assigned, "snapshotSeq": seq}
+    force = get_bool(req.body or {}, "force") or query_bool(req.query, "force")
+    report = bridge.run(sync, force)
+    report["snapshotSeq"] = bridge.snapshot()
+    return 200, {"success": True, **report}
 
 
 ROUTES = [
@@ -1909,6 +2105,8 @@ ROUTES = [
     ("GET", "/api/instances/capacities", h_instance_capacities),
     ("GET", "/api/instances/{id}", h_instance_get),
     ("POST", "/api/instances/{id}/heartbeat", h_instance_heartbeat),
+    ("POST", "/api/instances/{id}/drain", h_instance_drain),
+    ("POST", "/api/instances/{id}/undrain", h_instance_undrain),
     ("GET", "/api/tasks", h_tasks_list),
     ("POST", "/api/tasks", h_tasks_create),
     ("GET", "/api/tasks/{id}", h_task_get),
@@ -2172,6 +2370,24 @@ class BridgeServer(ThreadingHTTPServer):
 # ===== Watchdog =====
 
 
+class Watchdog(threading.Thread):
+    """Runs the liveness sweep every WATCHDOG_PERIOD seconds on the bridge's monotonic clock; a failing
+    sweep is logged and the next one runs as usual."""
+
+    def __init__(self, bridge, stop, period=WATCHDOG_PERIOD):
+        super().__init__(name="watchdog", daemon=True)
+        self.bridge, self.stop, self.period = bridge, stop, period
+
+    def run(self):
+        while not self.stop.wait(self.period):
+            try:
+                self.bridge.run(sweep)
+            except BridgeError as exc:
+                log.debug("sweep skipped: %s", exc.message)
+            except Exception:
+                log.exception("watchdog sweep failed; will retry")
+
+
 class Flusher(threading.Thread):
     """Writes snapshots in the background: every SNAPSHOT_EVERY_CHANGES journal records or
     SNAPSHOT_EVERY_SECONDS of changes, and retries after a storage failure. Survives its own errors."""
@@ -2216,7 +2432,8 @@ def serve(config, ready=None):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threads = [threading.Thread(target=server.serve_forever, name="http", daemon=True), Flusher(bridge, stop)]
+    threads = [threading.Thread(target=server.serve_forever, name="http", daemon=True), Flusher(bridge, stop),
+               Watchdog(bridge, stop)]
     for thread in threads:
         thread.start()
     host, port = server.server_address[:2]

@@ -65,7 +65,7 @@ def test_register_rejects_bad_fields_naming_them(world, payload, field):
 
 def test_registration_journals_the_agent_and_its_instance(world):
     cb.register_agent(world.state, world.clock.now(), {"id": "a1", "instanceId": "mac"})
-    ops, _ = world.state.take_changes()
+    ops, _, _ = world.state.take_changes()
     assert {(op[0], op[1]) for op in ops} == {("put", "agents"), ("put", "instances")}
 
 
@@ -223,7 +223,7 @@ def test_a_plain_heartbeat_is_soft_state(world):
     world.agent("a1")
     world.clock.advance(5)
     cb.record_heartbeat(world.state, world.clock.now(), "a1", {"status": "working"})
-    ops, _ = world.state.take_changes()
+    ops, _, _ = world.state.take_changes()
     assert ops == [], "no journal record for a beat that changes only liveness"
     assert world.state.agents["a1"].lastHeartbeat == world.clock.ms
     assert world.state.agents["a1"].reportedStatus == "working"
