@@ -76,6 +76,7 @@ MAX_PAGE = 10000
 
 DEFAULT_MAX_TASKS = 3
 MAX_TASKS_LIMIT = 1000
+MIN_INTERVAL_MS = 100                # declared heartbeat intervals, ms
 MAX_INTERVAL_MS = 7 * 24 * 3600 * 1000
 
 SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
@@ -1183,7 +1184,7 @@ def register_agent(state, now, payload):
         "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
         "tailscaleIP": get_ip(payload, "tailscaleIP"),
-        "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
+        "heartbeatInterval": get_int(payload, "heartbeatInterval", MIN_INTERVAL_MS, MAX_INTERVAL_MS),
         "maxConcurrentTasks": get_int(payload, "maxConcurrentTasks", 1, MAX_TASKS_LIMIT),
     }
     metadata = payload.get("metadata")
@@ -1262,7 +1263,7 @@ def apply_beat(state, now, agent, payload):
         "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
         "tailscaleIP": get_ip(payload, "tailscaleIP"),
-        "heartbeatInterval": get_int(payload, "heartbeatInterval", 1000, MAX_INTERVAL_MS),
+        "heartbeatInterval": get_int(payload, "heartbeatInterval", MIN_INTERVAL_MS, MAX_INTERVAL_MS),
     }
     durable = {k: v for k, v in durable.items() if v is not None and v != getattr(agent, k)}
     current = get_str(payload, "currentTask", limit=MAX_NAME, default=agent.currentTask)

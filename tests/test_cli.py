@@ -195,3 +195,103 @@ def test_programs_use_only_the_standard_library(program):
     if shared_check.exists():
         result = subprocess.run([sys.executable, str(shared_check), program], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout == ""
+
+
+# --- liveness and failover end to end: the real watchdog, short thresholds ---
+
+class Beater:
+    """Sends instance heartbeats every 0.25 s for the instances in `alive`, like clawagent.py run would."""
+
+    def __init__(self, bridge, instances):
+        import threading
+        self.bridge, self.alive = bridge, set(instances)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.stop_event.wait(0.25):
+            for instance in list(self.alive):
+                try:
+                    self.bridge.call("POST", f"/api/instances/{instance}/heartbeat", {"heartbeatInterval": 500})
+                except OSError:
+                    pass    # the bridge is restarting
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(5)
+
+
+def wait_until(predicate, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+def live_fleet(bridge, instances, agents_each=1, tasks=0):
+    for instance in instances:
+        for n in range(agents_each):
+            body = {"id": f"{instance}-a{n}", "instanceId": instance, "heartbeatInterval": 500, "roles": ["dev"]}
+            assert bridge.call("POST", "/api/agents/register", body)[0] == 201
+    return [bridge.call("POST", "/api/tasks", {"title": f"job {i}", "roles": ["dev"]})[2] for i in range(tasks)]
+
+
+FAST = {"OFFLINE_AFTER": "2"}
+
+
+def test_a_dead_instances_tasks_move_to_a_live_one(start_bridge):
+    bridge = start_bridge(env=FAST)
+    tasks = live_fleet(bridge, ["mac", "srv"], tasks=2)
+    on_mac = [t["id"] for t in tasks if t["assignedTo"] == "mac-a0"]
+    assert on_mac, "the fleet spreads work over both instances"
+    beater = Beater(bridge, ["srv"])     # mac goes silent
+    try:
+        moved = wait_until(lambda: all(bridge.call("GET", f"/api/tasks/{t}")[2]["assignedTo"] == "srv-a0"
+                                       for t in on_mac), timeout=8)
+        assert moved, "the dead instance's work moved"
+        instances = {i["instanceId"]: i for i in bridge.call("GET", "/api/instances")[2]}
+        assert instances["mac"]["status"] == "offline" and instances["srv"]["status"] == "online"
+        task = bridge.call("GET", f"/api/tasks/{on_mac[0]}")[2]
+        assert task["epoch"] == 2 and task["history"][-1]["event"] == "task-reassigned"
+        assert "instance mac is offline" in bridge.output()
+    finally:
+        beater.stop()
+
+
+def test_a_bridge_restart_reassigns_nothing(start_bridge, tmp_path):
+    bridge = start_bridge(env=FAST)
+    tasks = live_fleet(bridge, ["mac", "srv"], tasks=4)
+    before = {t["id"]: (t["assignedTo"], t["epoch"]) for t in tasks}
+    bridge.kill()
+    import time
+    time.sleep(2.5)     # the fleet was unheard for longer than its threshold while the bridge was down
+    bridge = start_bridge(env=FAST)
+    beater = Beater(bridge, ["mac", "srv"])
+    try:
+        time.sleep(3)   # more than a threshold after the start, with beats flowing
+        after = {t["id"]: (t["assignedTo"], t["epoch"]) for t in bridge.call("GET", "/api/tasks")[2]}
+        assert after == before
+        assert all(i["status"] == "online" for i in bridge.call("GET", "/api/instances")[2])
+    finally:
+        beater.stop()
+
+
+def test_most_instances_silent_at_once_moves_nothing(start_bridge):
+    bridge = start_bridge(env=FAST)
+    tasks = live_fleet(bridge, ["i0", "i1", "i2", "i3"], tasks=4)
+    beater = Beater(bridge, ["i0"])      # three of four go quiet: looks like the bridge's own network
+    try:
+        assert wait_until(lambda: bridge.call("GET", "/health")[2].get("disruption"), timeout=8)
+        after = {t["id"]: t["assignedTo"] for t in bridge.call("GET", "/api/tasks")[2]}
+        assert after == {t["id"]: t["assignedTo"] for t in tasks}
+        assert all(i["status"] == "online" for i in bridge.call("GET", "/api/instances")[2])
+        assert "disruption" in bridge.output()
+        beater.alive.update(["i1", "i2", "i3"])
+        assert wait_until(lambda: not bridge.call("GET", "/health")[2].get("disruption"), timeout=5)
+    finally:
+        beater.stop()

@@ -358,3 +358,186 @@ def test_bad_bodies_are_400(raw):
 def test_nesting_up_to_the_limit_is_fine():
     body = b'{"a":' + b"[" * 62 + b"]" * 62 + b"}"
     assert cb.parse_json_body(body)["a"] is not None
+
+
+# --- liveness, failover, balancing (the watchdog's decisions, on a fake clock) ---
+
+def run_for(world, seconds, beating=(), step=1.0):
+    """Advance the clock, sweeping every step as the watchdog does, while the named agents keep beating."""
+    reports = []
+    for _ in range(int(seconds / step)):
+        world.clock.advance(step)
+        for agent_id in beating:
+            world.do(cb.record_heartbeat, agent_id, {})
+        reports.append(world.do(cb.sweep))
+    return reports
+
+
+@pytest.fixture
+def fleet(world):
+    """Two instances with two agents each, a 60 s offline threshold, and four tasks on mac."""
+    world.state.offline_after = 60
+    world.state.last_sweep = world.clock.mono
+    for agent_id, instance in (("m1", "mac"), ("m2", "mac"), ("s1", "srv"), ("s2", "srv")):
+        world.agent(agent_id, instance=instance)
+    world.do(cb.set_drained, "srv", True)
+    world.tasks = [world.task(title=f"t{i}") for i in range(4)]
+    world.do(cb.set_drained, "srv", False)
+    return world
+
+
+def test_an_instance_goes_offline_only_after_its_threshold(fleet):
+    run_for(fleet, 59, beating=["s1", "s2"])
+    assert fleet.state.agents["m1"].status == "online"
+    reports = run_for(fleet, 3, beating=["s1", "s2"])
+    assert [r["offline"] for r in reports if r["offline"]] == [["mac"]]
+    assert {fleet.state.agents[a].status for a in ("m1", "m2")} == {"offline"}
+
+
+def test_failover_moves_unfinished_work_with_new_epochs(fleet):
+    task_ids = [t["id"] for t in fleet.tasks]
+    first = fleet.tasks[0]
+    fleet.do(cb.agent_verb, first["id"], "complete", {"agentId": first["assignedTo"], "epoch": first["epoch"]})
+    run_for(fleet, 62, beating=["s1", "s2"])
+    moved = [fleet.state.tasks[t] for t in task_ids[1:]]
+    assert {t.assignedTo for t in moved} <= {"s1", "s2"} and all(t.lane == "assigned" for t in moved)
+    assert all(t.epoch == 2 for t in moved), "one new epoch per move"
+    assert fleet.state.tasks[first["id"]].assignedTo == first["assignedTo"], "done work stays where it was"
+    kinds = [(n.agentId, n.type) for n in fleet.state.notifications.values() if n.taskId == task_ids[1]]
+    assert ("m1", "task-revoked") in kinds or ("m2", "task-revoked") in kinds
+    assert any(k == "task-reassigned" and a.startswith("s") for a, k in kinds)
+
+
+def test_a_returning_agent_is_told_to_stop_and_held_back(fleet):
+    owner = fleet.tasks[1]["assignedTo"]
+    run_for(fleet, 62, beating=["s1", "s2"])
+    reply = fleet.do(cb.record_heartbeat, owner, {"tasks": [{"id": fleet.tasks[1]["id"], "epoch": 1}]})
+    assert reply["stop"] == [fleet.tasks[1]["id"]]
+    assert fleet.state.agents[owner].status == "online"
+    fleet.do(cb.set_drained, "srv", True)
+    assert fleet.task()["lane"] == "queued", "back, but on anti-flap hold"
+    fleet.clock.advance(1)
+    fleet.do(cb.record_heartbeat, owner, {})
+    assert fleet.state.hold, "one on-time beat is not enough"
+    fleet.clock.advance(1)
+    fleet.do(cb.record_heartbeat, owner, {})
+    assert not fleet.state.hold
+    assert any(t.lane == "assigned" and t.assignedTo.startswith("m") for t in fleet.state.tasks.values()
+               if t.id not in {x["id"] for x in fleet.tasks})
+
+
+def test_beats_in_a_burst_count_once_towards_the_hold(fleet):
+    run_for(fleet, 62, beating=["s1", "s2"])
+    for _ in range(5):
+        fleet.do(cb.record_heartbeat, "m1", {})
+    assert "mac" in fleet.state.hold
+
+
+def test_work_with_nowhere_to_go_waits_in_the_queue(fleet):
+    fleet.do(cb.set_drained, "srv", True)
+    run_for(fleet, 62, beating=["s1", "s2"])
+    assert all(fleet.state.tasks[t["id"]].lane == "queued" for t in fleet.tasks)
+    fleet.do(cb.set_drained, "srv", False)
+    assert sorted(fleet.state.tasks[t["id"]].assignedTo[0] for t in fleet.tasks) == ["s"] * 4
+
+
+def test_the_threshold_is_twice_the_longest_declared_interval(fleet):
+    fleet.do(cb.record_heartbeat, "m1", {"heartbeatInterval": 15 * 60 * 1000})
+    run_for(fleet, 120, beating=["s1", "s2"], step=2.0)
+    assert fleet.state.agents["m1"].status == "online", "a 15-minute cron agent is not dead after 2 minutes"
+    figures = cb.instance_figures(fleet.state, fleet.state.instances["mac"], fleet.clock.now())
+    assert figures["offlineAfterMs"] == 30 * 60 * 1000
+
+
+def test_a_restart_gives_every_instance_a_full_threshold(fleet):
+    run_for(fleet, 50, beating=["s1", "s2"])
+    restarted = cb.State.from_doc(fleet.state.to_doc(seq=1))
+    restarted.offline_after = 60
+    fleet.state = restarted
+    cb.rebaseline(restarted, fleet.clock.now())
+    run_for(fleet, 59, beating=["s1", "s2"])
+    assert restarted.agents["m1"].status == "online", "50 s before the restart do not count"
+    run_for(fleet, 3, beating=["s1", "s2"])
+    assert restarted.agents["m1"].status == "offline"
+
+
+def test_a_pause_of_the_bridge_rebaselines_instead_of_expiring(fleet):
+    fleet.clock.advance(600)
+    report = fleet.do(cb.sweep)
+    assert report.get("rebaselined") and report["offline"] == []
+    assert all(a.status == "online" for a in fleet.state.agents.values())
+
+
+def test_disruption_mode_moves_nothing_until_beats_return(world):
+    world.state.offline_after = 30
+    world.state.last_sweep = world.clock.mono
+    for i in range(4):
+        world.agent(f"a{i}", instance=f"i{i}")
+    tasks = [world.task() for _ in range(4)]
+    reports = run_for(world, 40, beating=["a0"])
+    assert world.state.disruption and all(r["offline"] == [] for r in reports)
+    assert all(world.state.tasks[t["id"]].epoch == 1 for t in tasks), "nothing moved"
+    health = cb.instance_figures(world.state, world.state.instances["i1"], world.clock.now())
+    assert health["status"] == "online"
+    run_for(world, 2, beating=["a0", "a1", "a2", "a3"])
+    assert not world.state.disruption
+
+
+def test_disruption_ends_and_the_truly_dead_go_offline(world):
+    world.state.offline_after = 30
+    world.state.last_sweep = world.clock.mono
+    for i in range(4):
+        world.agent(f"a{i}", instance=f"i{i}")
+    run_for(world, 40, beating=["a0"])
+    assert world.state.disruption
+    reports = run_for(world, 1, beating=["a0", "a1", "a2"])
+    assert reports[-1]["offline"] == ["i3"] and not world.state.disruption
+
+
+def test_a_forced_sync_acts_even_in_disruption(world):
+    world.state.offline_after = 30
+    world.state.last_sweep = world.clock.mono
+    for i in range(3):
+        world.agent(f"a{i}", instance=f"i{i}")
+    run_for(world, 40)
+    assert world.state.disruption
+    report = world.do(cb.sync, True)
+    assert sorted(report["offline"]) == ["i0", "i1", "i2"]
+
+
+def test_balancing_prefers_healthier_instances_at_equal_load(world):
+    world.state.offline_after = 100
+    world.state.last_sweep = world.clock.mono
+    world.agent("a", instance="stale")
+    run_for(world, 50)
+    world.agent("b", instance="fresh")
+    assert world.task()["assignedTo"] == "b", "same load; the fresher instance scores higher"
+
+
+def test_health_score_and_capacity_figures(fleet):
+    mac = cb.instance_figures(fleet.state, fleet.state.instances["mac"], fleet.clock.now())
+    assert (mac["capacity"], mac["taskCount"], mac["availableCapacity"]) == (6, 4, 2)
+    assert mac["healthScore"] == round(100 - 50 * 4 / 6)
+    run_for(fleet, 62, beating=["s1", "s2"])
+    mac = cb.instance_figures(fleet.state, fleet.state.instances["mac"], fleet.clock.now())
+    assert (mac["status"], mac["healthScore"], mac["capacity"], mac["availableCapacity"]) == ("offline", 0, 0, 0)
+    fleet.do(cb.record_heartbeat, "m1", {})
+    assert cb.health_score(fleet.state, "mac", fleet.clock.now()) == 100 - cb.FLAP_PENALTY, "a recent flap costs"
+
+
+def test_an_instance_heartbeat_beats_every_agent_there(fleet):
+    fleet.clock.advance(30)
+    reply = fleet.do(cb.record_instance_heartbeat, "mac", {"heartbeatInterval": 60000})
+    assert sorted(reply["agents"]) == ["m1", "m2"]
+    assert all(fleet.state.seen[a] == fleet.clock.mono for a in ("m1", "m2"))
+    assert fleet.state.agents["m2"].heartbeatInterval == 60000
+    with pytest.raises(cb.BridgeError) as err:
+        fleet.do(cb.record_instance_heartbeat, "nowhere", {})
+    assert err.value.status == 404
+
+
+def test_drained_instances_keep_their_tasks_and_get_none(fleet):
+    before = {t["id"]: fleet.state.tasks[t["id"]].assignedTo for t in fleet.tasks}
+    fleet.do(cb.set_drained, "mac", True)
+    assert {t["id"]: fleet.state.tasks[t["id"]].assignedTo for t in fleet.tasks} == before
+    assert fleet.task()["assignedTo"].startswith("s")
