@@ -935,6 +935,7 @@ class State:
         self.queued = {p: {} for p in PRIORITIES}   # priority -> {task id: None} in queueing order
         self.members = {}       # instance id -> {agent id: None}
         self.inbox = {}         # agent id -> {notification id: None} in creation order
+        self.unread = {}        # agent id -> {notification id: None}, the unread part of its inbox
         self.seen = {}          # agent id -> monotonic time of its last beat (never persisted)
         self.hold = {}          # instance id -> [beats still needed, time of the last counted beat]
         self.flaps = {}         # instance id -> monotonic times it went offline, within FLAP_WINDOW
@@ -993,6 +994,7 @@ class State:
         self.members.setdefault(agent.instanceId, {})[agent.id] = None
         self.active.setdefault(agent.id, {})
         self.inbox.setdefault(agent.id, {})
+        self.unread.setdefault(agent.id, {})
         self.agents[agent.id] = agent
         self.record("agents", agent, record)
 
@@ -1001,6 +1003,7 @@ class State:
         self.members.get(agent.instanceId, {}).pop(agent_id, None)
         self.active.pop(agent_id, None)
         self.inbox.pop(agent_id, None)
+        self.unread.pop(agent_id, None)
         self.seen.pop(agent_id, None)
         self.changes.append(("del", "agents", agent_id))
 
@@ -1037,11 +1040,17 @@ class State:
     def put_notification(self, note, record=True):
         self.notifications[note.id] = note
         self.inbox.setdefault(note.agentId, {})[note.id] = None
+        unread = self.unread.setdefault(note.agentId, {})
+        if note.read:
+            unread.pop(note.id, None)
+        else:
+            unread[note.id] = None
         self.record("notifications", note, record)
 
     def drop_notification(self, note_id):
         note = self.notifications.pop(note_id)
         self.inbox.get(note.agentId, {}).pop(note_id, None)
+        self.unread.get(note.agentId, {}).pop(note_id, None)
         self.changes.append(("del", "notifications", note_id))
 
 
@@ -1293,6 +1302,13 @@ def record_heartbeat(state, now, agent_id, payload):
     notifications, and the tasks it holds but no longer owns (stop)."""
     agent = get_agent(state, agent_id)
     held = held_tasks(payload)
+    seen_notes = payload.get("readNotifications") or []
+    if not isinstance(seen_notes, list) or len(seen_notes) > MAX_PAGE:
+        raise bad_request("'readNotifications' must be an array of notification ids", "readNotifications")
+    for note_id in seen_notes:
+        note = state.notifications.get(check_id(note_id, "readNotifications"))
+        if note is not None and note.agentId == agent.id:
+            mark_read(state, now, note_id)
     if apply_beat(state, now, agent, payload):
         assign_queued(state, now)
     return heartbeat_reply(state, now, agent.id, held)
@@ -1352,11 +1368,9 @@ def unread_notifications(state, agent_id, limit=None):
 def notifications_for(state, agent_id, unread=False, limit=None):
     """An agent's notifications, newest first."""
     found = []
-    for note_id in reversed(list(state.inbox.get(agent_id, ()))):
-        note = state.notifications[note_id]
-        if unread and note.read:
-            continue
-        found.append(note._asdict())
+    source = state.unread if unread else state.inbox
+    for note_id in reversed(source.get(agent_id, {})):
+        found.append(state.notifications[note_id]._asdict())
         if limit and len(found) >= limit:
             break
     return found

@@ -541,3 +541,14 @@ def test_drained_instances_keep_their_tasks_and_get_none(fleet):
     fleet.do(cb.set_drained, "mac", True)
     assert {t["id"]: fleet.state.tasks[t["id"]].assignedTo for t in fleet.tasks} == before
     assert fleet.task()["assignedTo"].startswith("s")
+
+
+def test_notifications_are_delivered_until_acknowledged_in_a_beat(world):
+    world.agent("a1")
+    world.task()
+    first = world.do(cb.record_heartbeat, "a1", {})["notifications"]
+    assert [n["type"] for n in first] == ["task-assigned"]
+    assert world.do(cb.record_heartbeat, "a1", {})["notifications"] == first, "still unread"
+    reply = world.do(cb.record_heartbeat, "a1", {"readNotifications": [first[0]["id"], "ntf-0"]})
+    assert reply["notifications"] == []
+    assert world.state.notifications[first[0]["id"]].read
