@@ -371,6 +371,7 @@ def snapshot_chunks(doc):
     for section in SECTIONS:
         yield f',\n"{section}":['
         for i, item in enumerate(doc.get(section, ())):
+            item = item._asdict() if hasattr(item, "_asdict") else item    # entity tuples from State.freeze
             yield ("\n" if i == 0 else ",\n") + json.dumps(item, separators=(",", ":"))
         yield "]"
     yield "}\n"
@@ -957,12 +958,19 @@ class State:
                 put(entity_from_json(entity_type, item), record=False)
         return state
 
+    def freeze(self, seq):
+        """The whole state as a snapshot document whose sections hold the entity tuples themselves. Cheap
+        enough for the lock (it copies references to immutable entities); snapshot_chunks turns them into
+        JSON later, outside it."""
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq": seq, "meta": dict(self.meta),
+                **{section: list(getattr(self, section).values()) for section in SECTIONS}}
+
     def to_doc(self, seq):
-        """The whole state as a snapshot document. Cheap enough to call under the lock: it copies references
-        to immutable entities; the caller serialises them (snapshot_chunks) outside the lock."""
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq": seq, "savedAt": None,
-                "meta": dict(self.meta),
-                **{section: [e._asdict() for e in getattr(self, section).values()] for section in SECTIONS}}
+        """The whole state as a plain JSON-ready document (what a snapshot file holds)."""
+        doc = self.freeze(seq)
+        for section in SECTIONS:
+            doc[section] = [entity._asdict() for entity in doc[section]]
+        return doc
 
     def take_changes(self):
         """The journal ops, meta and log events since the last call."""
@@ -1912,7 +1920,7 @@ class Bridge:
         with self.lock:
             failure = self.store.journal.failed
             seq = self.store.journal.rotate()
-            doc = self.state.to_doc(seq)
+            doc = self.state.freeze(seq)
             self.state.soft_dirty = False
         doc["savedAt"] = self.clock.now().ms
         self.store.write_snapshot(doc)
