@@ -2343,12 +2343,13 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, headers too large, unknown method) as JSON too."""
         self.close_connection = True
-        text = {501: f"Method {getattr(self, 'command', '')[:20]!r} is not supported by the bridge.",
+        method = (getattr(self, "command", None) or "-")[:20]     # None when the request line was garbage
+        text = {501: f"Method {method!r} is not supported by the bridge.",
                 414: "The request line is too long.", 431: "The request headers are too large."}.get(code)
         error = BridgeError(code, ERROR_CODES.get(code, "bad_request"),
                             text or "The request is not valid HTTP.")
         self.send_json(code, error.body(), {})
-        log.info("%s %s %d (rejected by the HTTP parser)", getattr(self, "command", "-")[:20] or "-",
+        log.info("%s %s %d (rejected by the HTTP parser)", method,
                  (getattr(self, "path", "") or "-").split("?")[0][:200], code)
 
     def log_message(self, format, *args):

@@ -61,7 +61,8 @@ class LiveBridge:
         self.server = clawbridge.BridgeServer(("127.0.0.1", 0), self.bridge)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                       daemon=True)
         self.thread.start()
 
     def call(self, method, path, body=None, **kw):
