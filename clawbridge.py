@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 import argparse
 import bisect
+import collections
 import dataclasses
 import email.utils
 import errno
@@ -83,6 +84,7 @@ SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
 SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
 FLUSHER_PERIOD = 1.0
 RESTORE_EPOCH_GAP = 1000            # epochs jump this far when a bridge starts on a backup copy
+RESTORE_ID_GAP = 10 ** 9            # and the id counter this far past the clock
 
 WATCHDOG_PERIOD = 0.5               # seconds between two liveness sweeps
 SWEEP_GAP = 5.0                     # a longer pause between sweeps (suspend, stall) re-baselines liveness
@@ -453,17 +455,21 @@ def apply_record(index, meta, record):
     meta.update(record.get("meta", {}))
 
 
-def load_data(data_dir, repair=False):
-    """Recover the last good state of a data dir as one document: the newest readable snapshot plus the
-    journal after it. With repair, a torn journal tail is cut off so appends continue cleanly.
-    Returns (doc, info); raises StorageError, naming the file, when no good state can be rebuilt."""
+def load_data(data_dir, repair=False, build=lambda doc: doc):
+    """Recover the last good state of a data dir: the newest readable snapshot plus the journal after it,
+    as one document handed to build (which raises TypeError or ValueError for damaged content, so that an
+    older snapshot is tried). With repair, a torn journal tail is cut off so appends continue cleanly.
+    Returns (build(doc), info); raises StorageError, naming the file, when no good state can be rebuilt."""
     snapshots, segments = list_data_files(data_dir)
     if not snapshots and not segments:
-        return empty_doc(), {"fresh": True, "segment": None, "torn": None}
+        return build(empty_doc()), {"fresh": True, "segment": None, "seq": 0}
     problems, bad = [], []
     candidates = [os.path.join(data_dir, name) for _, name in reversed(snapshots)]
     if segments and segments[0][0] == 1:
         candidates.append(None)     # the journal alone, from record 1, is a whole history too
+    elif segments and not snapshots:
+        problems.append(f"{os.path.join(data_dir, segments[0][1])} starts at record {segments[0][0]} and no "
+                        "snapshot holds the records before it")
     for source in candidates:
         try:
             doc = read_snapshot(source) if source else empty_doc()
@@ -473,15 +479,19 @@ def load_data(data_dir, repair=False):
             log.warning("%s; trying an older snapshot", exc)
             continue
         try:
-            result = replay(data_dir, doc, segments, repair)
-        except StorageError as exc:
-            problems.append(str(exc))
-            log.warning("%s", exc)
+            doc, info = replay(data_dir, doc, segments, repair)
+            built = build(doc)
+        except (StorageError, KeyError, TypeError, ValueError) as exc:
+            what = str(exc) if isinstance(exc, StorageError) else f"{source or 'the journal'} holds a damaged " \
+                f"entry ({type(exc).__name__}: {exc})"
+            problems.append(what)
+            bad.append(source)
+            log.warning("%s", what)
             continue
         if repair:
-            for path in bad:    # kept for inspection, out of the way of the next start
+            for path in filter(None, bad):      # kept for inspection, out of the way of the next start
                 os.replace(path, path + ".corrupt")
-        return result
+        return built, info
     raise StorageError("no good state can be rebuilt from the data directory " + data_dir + ": "
                        + "; ".join(problems))
 
@@ -494,7 +504,6 @@ def replay(data_dir, doc, segments, repair):
               if i + 1 == len(segments) or segments[i + 1][0] > seq + 1]
     if needed and needed[0][0] > seq + 1:
         raise StorageError(f"the journal after record {seq} is missing (first segment {needed[0][1]})")
-    torn = None
     for i, (first, name) in enumerate(needed):
         path = os.path.join(data_dir, name)
         if first > seq + 1:
@@ -504,7 +513,6 @@ def replay(data_dir, doc, segments, repair):
             apply_record(index, meta, record)
         seq += len(records)
         if torn_at is not None:
-            torn = (path, torn_at)
             if i + 1 < len(needed):
                 log.warning("%s ends with a damaged record (never acknowledged); it is ignored", path)
             elif repair:
@@ -514,7 +522,7 @@ def replay(data_dir, doc, segments, repair):
                     os.fsync(f.fileno())
     result = {k: v for k, v in doc.items() if k not in SECTIONS}
     result.update(seq=seq, meta=meta, **{s: list(index[s].values()) for s in SECTIONS})
-    return result, {"fresh": False, "segment": needed[-1] if needed else None, "torn": torn}
+    return result, {"fresh": False, "segment": needed[-1] if needed else None, "seq": seq}
 
 
 class DirLock:
@@ -546,7 +554,9 @@ class DirLock:
 
 class Journal:
     """Append-only journal with group commit: appends happen in order under the caller's state lock, and
-    each writer then waits until an fsync covers its record; concurrent writers share one fsync."""
+    each writer then waits until an fsync covers its record; concurrent writers share one fsync. A failed
+    write or fsync marks it failed; what was not on disk is cut off again (discard_unsynced), and only a
+    full snapshot (rotate + Bridge.snapshot) makes it writable again."""
 
     def __init__(self, data_dir, next_seq, segment_name=None, fsync=os.fsync):
         self.data_dir = data_dir
@@ -554,6 +564,8 @@ class Journal:
         self.cond = threading.Condition()
         self.written = next_seq - 1     # last record handed to the OS
         self.synced = next_seq - 1      # last record known to be on disk
+        self.size = 0                   # bytes of whole records in the current segment
+        self.synced_size = 0            # of which known to be on disk
         self.syncing = False
         self.failed = None              # the OSError that broke the journal, until a snapshot repairs it
         self.fd = None
@@ -564,6 +576,7 @@ class Journal:
     def open_segment(self, name):
         self.fd = os.open(os.path.join(self.data_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.segment = name
+        self.size = self.synced_size = os.fstat(self.fd).st_size
         fsync_dir(self.data_dir)
 
     def append(self, record):
@@ -579,9 +592,17 @@ class Journal:
                     view = view[os.write(self.fd, view):]
             except OSError as exc:
                 self.failed = exc
+                self.cut_to(self.size)      # no half record may stay in front of later ones
                 raise
             self.written = seq
+            self.size += len(data)
             return seq
+
+    def cut_to(self, size):
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            log.exception("cannot cut the journal back to its last good record")
 
     def wait(self, seq):
         """Return once record seq is on disk; raise the OSError if the disk refused it."""
@@ -593,7 +614,7 @@ class Journal:
                     self.cond.wait()
                     continue
                 self.syncing = True
-                target, fd = self.written, self.fd
+                target, size, fd = self.written, self.size, self.fd
                 self.cond.release()
                 started = time.monotonic()
                 try:
@@ -610,7 +631,18 @@ class Journal:
                 if error:
                     self.failed = error
                     raise error
-                self.synced = max(self.synced, target)
+                self.synced, self.synced_size = max(self.synced, target), size
+
+    def discard_unsynced(self):
+        """After a failure: forget the records not known to be on disk, so none of them can come back at the
+        next start. Returns the last record kept."""
+        with self.cond:
+            while self.syncing:
+                self.cond.wait()
+            if self.written > self.synced:
+                self.cut_to(self.synced_size)
+                self.written, self.size = self.synced, self.synced_size
+            return self.synced
 
     def rotate(self):
         """Start a new segment after the last written record. Called under the state lock, so no record
@@ -619,10 +651,18 @@ class Journal:
             while self.syncing:
                 self.cond.wait()
             if not self.failed and self.synced < self.written:
-                self.fsync(self.fd)
-                self.synced = self.written
-            os.close(self.fd)
-            self.open_segment(f"journal-{self.written + 1:012d}.jsonl")
+                try:
+                    self.fsync(self.fd)
+                except OSError as exc:
+                    self.failed = exc
+                    raise
+                self.synced, self.synced_size = self.written, self.size
+            name = f"journal-{self.written + 1:012d}.jsonl"
+            if name == self.segment:
+                self.cut_to(self.size)      # nothing was added since it began; drop what a failure left
+            else:
+                os.close(self.fd)
+                self.open_segment(name)
             return self.written
 
     def recovered(self, failure):
@@ -652,17 +692,17 @@ class Store:
         self.last_snapshot_at = time.monotonic()
         self.snapshot_lock = threading.Lock()   # one snapshot writer at a time
 
-    def open(self):
-        """Lock the data dir and recover its state. Returns the state document."""
+    def open(self, build):
+        """Lock the data dir and recover its state. Returns build(state document)."""
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         try:
-            doc, info = load_data(self.data_dir, repair=True)
-            segment = info["segment"]
-            reuse = segment[1] if segment and segment[0] <= doc["seq"] + 1 else None
-            self.journal = Journal(self.data_dir, doc["seq"] + 1, reuse, self.fsync)
-            self.snapshot_seq = doc["seq"] if not info["fresh"] else 0
-            return doc
+            built, info = load_data(self.data_dir, repair=True, build=build)
+            seq, segment = info["seq"], info["segment"]
+            reuse = segment[1] if segment and segment[0] <= seq + 1 else None
+            self.journal = Journal(self.data_dir, seq + 1, reuse, self.fsync)
+            self.snapshot_seq = seq if not info["fresh"] else 0
+            return built
         except BaseException:
             self.lock.release()
             raise
@@ -712,9 +752,10 @@ class Store:
         self.lock.release()
 
 
-def backup_data(data_dir, dest, attempts=5):
+def backup_data(data_dir, dest, build=lambda doc: doc, attempts=5):
     """Write a consistent copy of a (possibly live) data dir into dest as one snapshot. The copy holds every
-    change acknowledged before the call began. Returns the document written."""
+    change acknowledged before the call began; build checks the document as a start would. Returns the
+    document written."""
     data_dir = os.path.abspath(data_dir)
     if not os.path.isdir(data_dir):
         raise StorageError(f"there is no data directory at {data_dir}")
@@ -723,7 +764,7 @@ def backup_data(data_dir, dest, attempts=5):
         raise StorageError(f"{dest} already holds bridge data; give an empty or new directory")
     for attempt in range(attempts):
         try:
-            doc, _ = load_data(data_dir, repair=False)
+            doc, _ = load_data(data_dir, repair=False, build=build)
             break
         except (FileNotFoundError, StorageError):
             # the live bridge rotated or pruned files while we read them; read again
@@ -791,6 +832,7 @@ class Task(NamedTuple):
     version: int = 1
     createdAt: int = 0
     updatedAt: int = 0
+    queuedAt: int = 0       # the bridge counter when it last entered the queue: queue order within a priority
     history: tuple = ()     # ((at, event, by, note), ...), the latest HISTORY_LIMIT
 
 
@@ -922,9 +964,19 @@ def get_ip(payload, field):
 # --- the state and its indexes ---
 
 
+class Batch(NamedTuple):
+    """What one call into the domain changed: journal ops, the meta to save, log events, and the undo log
+    that can take it all back."""
+    ops: list
+    meta: Optional[dict]
+    events: list
+    undo: list
+
+
 class State:
     """All bridge data in memory with the indexes derived from it. Every durable change goes through a put_
-    or drop_ method, which keeps the indexes right and records the change for the journal."""
+    or drop_ method, which keeps the indexes right, records the change for the journal, and remembers what
+    it replaced so that a change the disk refused can be taken back (rollback)."""
 
     def __init__(self):
         self.agents = {}
@@ -944,19 +996,29 @@ class State:
         self.last_sweep = None
         self.events = []        # (level, message) for the service to log once the lock is released
         self.changes = []       # journal ops recorded since the service last took them
+        self.undo = []          # (section, key, entity before the change or None), in the same order
         self.meta_changed = False
         self.soft_dirty = False
         self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
 
     @classmethod
     def from_doc(cls, doc):
+        """Build the state from a state document; TypeError or ValueError when an entity is damaged."""
         state = cls()
         state.meta.update(doc.get("meta", {}))
         for section, entity_type in ENTITY_TYPES.items():
             put = getattr(state, "put_" + section[:-1])
             for item in doc.get(section, ()):
+                if not isinstance(item, dict):
+                    raise ValueError(f"an entry of {section} is not an object")
                 put(entity_from_json(entity_type, item), record=False)
+        state.sort_queues()
         return state
+
+    def sort_queues(self):
+        """Queue order is the order tasks entered the queue (queuedAt), the same before and after a restart."""
+        for priority, bucket in self.queued.items():
+            self.queued[priority] = dict.fromkeys(sorted(bucket, key=lambda t: self.tasks[t].queuedAt))
 
     def freeze(self, seq):
         """The whole state as a snapshot document whose sections hold the entity tuples themselves. Cheap
@@ -973,30 +1035,52 @@ class State:
         return doc
 
     def take_changes(self):
-        """The journal ops, meta and log events since the last call."""
-        ops, self.changes = self.changes, []
-        events, self.events = self.events, []
-        meta = dict(self.meta) if self.meta_changed else None
-        self.meta_changed = False
-        return ops, meta, events
+        """Everything changed since the last call, as a Batch."""
+        batch = Batch(self.changes, dict(self.meta) if self.meta_changed else None, self.events, self.undo)
+        self.changes, self.events, self.undo, self.meta_changed = [], [], [], False
+        return batch
+
+    def rollback(self, undo):
+        """Take back a batch of changes, newest first, as if they had never happened (soft state aside)."""
+        put = {s: getattr(self, "put_" + s[:-1]) for s in SECTIONS}
+        drop = {s: getattr(self, "drop_" + s[:-1]) for s in SECTIONS}
+        for section, key, old in reversed(undo):
+            if section == "meta":
+                self.meta = old
+            elif old is not None:
+                put[section](old, record=False)
+            elif key in getattr(self, section):
+                drop[section](key, record=False)
+        self.sort_queues()
+        for agent_id, inbox in self.inbox.items():
+            self.inbox[agent_id] = dict.fromkeys(sorted(inbox, key=lambda n: self.notifications[n].createdAt))
+            self.unread[agent_id] = {n: None for n in self.inbox[agent_id] if not self.notifications[n].read}
 
     def say(self, level, message):
         self.events.append((level, message))
 
-    def record(self, section, entity, record):
-        if record:
-            self.changes.append(("put", section, entity._asdict()))
+    def record(self, section, key, old, op):
+        """Note one durable change for the journal, and what it replaced for a rollback."""
+        self.changes.append(op)
+        self.undo.append((section, key, old))
 
-    def next_id(self, prefix, now):
-        """A new id that never repeats: it grows by one and never falls behind the wall clock (in ms), so ids
-        stay unique even after a restore from an older backup."""
+    def tick(self, now):
+        """The next value of the bridge's counter: it grows by one and never falls behind the wall clock (in
+        ms), so ids made from it never repeat, even after a restore from an older backup."""
+        if not self.meta_changed:
+            self.undo.append(("meta", None, dict(self.meta)))
         value = max(self.meta["lastId"] + 1, now.ms)
         self.meta["lastId"] = value
         self.meta_changed = True
-        return f"{prefix}-{value}"
+        return value
+
+    def next_id(self, prefix, now):
+        return f"{prefix}-{self.tick(now)}"
 
     def put_agent(self, agent, record=True):
         old = self.agents.get(agent.id)
+        if record:
+            self.record("agents", agent.id, old, ("put", "agents", agent._asdict()))
         if old is not None and old.instanceId != agent.instanceId:
             self.members.get(old.instanceId, {}).pop(agent.id, None)
         self.members.setdefault(agent.instanceId, {})[agent.id] = None
@@ -1004,48 +1088,57 @@ class State:
         self.inbox.setdefault(agent.id, {})
         self.unread.setdefault(agent.id, {})
         self.agents[agent.id] = agent
-        self.record("agents", agent, record)
 
-    def drop_agent(self, agent_id):
+    def drop_agent(self, agent_id, record=True):
         agent = self.agents.pop(agent_id)
+        if record:
+            self.record("agents", agent_id, agent, ("del", "agents", agent_id))
         self.members.get(agent.instanceId, {}).pop(agent_id, None)
         self.active.pop(agent_id, None)
         self.inbox.pop(agent_id, None)
         self.unread.pop(agent_id, None)
         self.seen.pop(agent_id, None)
-        self.changes.append(("del", "agents", agent_id))
 
     def put_instance(self, instance, record=True):
+        if record:
+            old = self.instances.get(instance.instanceId)
+            self.record("instances", instance.instanceId, old, ("put", "instances", instance._asdict()))
         self.instances[instance.instanceId] = instance
         self.members.setdefault(instance.instanceId, {})
-        self.record("instances", instance, record)
 
-    def drop_instance(self, instance_id):
-        self.instances.pop(instance_id, None)
+    def drop_instance(self, instance_id, record=True):
+        old = self.instances.pop(instance_id, None)
+        if record:
+            self.record("instances", instance_id, old, ("del", "instances", instance_id))
         self.members.pop(instance_id, None)
-        self.changes.append(("del", "instances", instance_id))
 
     def put_task(self, task, record=True):
         old = self.tasks.get(task.id)
+        if record:
+            self.record("tasks", task.id, old, ("put", "tasks", task._asdict()))
         if old is not None:
-            self.unindex_task(old)
+            if old.assignedTo:
+                self.active.get(old.assignedTo, {}).pop(old.id, None)
+            if old.lane == "queued" and (task.lane, task.priority) != ("queued", old.priority):
+                self.queued[old.priority].pop(old.id, None)
         if task.assignedTo and task.lane in ACTIVE_LANES:
             self.active.setdefault(task.assignedTo, {})[task.id] = None
-        elif task.lane == "queued":
-            self.queued[task.priority][task.id] = None
+        elif task.lane == "queued" and task.id not in self.queued[task.priority]:
+            self.queued[task.priority][task.id] = None      # a task that stays queued keeps its place
         self.tasks[task.id] = task
-        self.record("tasks", task, record)
 
-    def unindex_task(self, task):
+    def drop_task(self, task_id, record=True):
+        task = self.tasks.pop(task_id)
+        if record:
+            self.record("tasks", task_id, task, ("del", "tasks", task_id))
         if task.assignedTo:
-            self.active.get(task.assignedTo, {}).pop(task.id, None)
-        self.queued[task.priority].pop(task.id, None)
-
-    def drop_task(self, task_id):
-        self.unindex_task(self.tasks.pop(task_id))
-        self.changes.append(("del", "tasks", task_id))
+            self.active.get(task.assignedTo, {}).pop(task_id, None)
+        self.queued[task.priority].pop(task_id, None)
 
     def put_notification(self, note, record=True):
+        if record:
+            old = self.notifications.get(note.id)
+            self.record("notifications", note.id, old, ("put", "notifications", note._asdict()))
         self.notifications[note.id] = note
         self.inbox.setdefault(note.agentId, {})[note.id] = None
         unread = self.unread.setdefault(note.agentId, {})
@@ -1053,13 +1146,13 @@ class State:
             unread.pop(note.id, None)
         else:
             unread[note.id] = None
-        self.record("notifications", note, record)
 
-    def drop_notification(self, note_id):
+    def drop_notification(self, note_id, record=True):
         note = self.notifications.pop(note_id)
+        if record:
+            self.record("notifications", note_id, note, ("del", "notifications", note_id))
         self.inbox.get(note.agentId, {}).pop(note_id, None)
         self.unread.get(note.agentId, {}).pop(note_id, None)
-        self.changes.append(("del", "notifications", note_id))
 
 
 # --- reading: what the API shows ---
@@ -1464,11 +1557,13 @@ def assign(state, now, task, agent, kind="task-assigned", by=None, lane="assigne
     return updated
 
 
-def unassigned(task, now, event, by=None):
-    """The task back in the queue with a new epoch, which fences out its former owner."""
-    return task._replace(assignedTo=None, lane="queued", epoch=task.epoch + (1 if task.assignedTo else 0),
-                         version=task.version + 1, updatedAt=now.ms,
+def requeue(state, now, task, event, by=None):
+    """Put the task back at the end of the queue, with a new epoch that fences out its former owner."""
+    task = task._replace(assignedTo=None, lane="queued", epoch=task.epoch + (1 if task.assignedTo else 0),
+                         version=task.version + 1, updatedAt=now.ms, queuedAt=state.tick(now),
                          history=add_history(task, now, event, by or task.assignedTo))
+    state.put_task(task)
+    return task
 
 
 def revoke_notice(state, now, task, reason):
@@ -1520,7 +1615,7 @@ def take_offline(state, now, agent_ids):
             moved["reassigned"][task.id] = agent.id
         else:
             revoke_notice(state, now, task, "was put back in the queue because its agent went offline")
-            state.put_task(unassigned(task, now, "requeued", "failover"))
+            requeue(state, now, task, "requeued", "failover")
             moved["queued"].append(task.id)
     return moved
 
@@ -1618,6 +1713,7 @@ def create_task(state, now, payload):
         preferredInstance=get_optional_id(payload, "instanceId") or get_optional_id(payload, "preferredInstance"),
         tags=get_words(payload, "tags", MAX_TAGS), createdAt=now.ms, updatedAt=now.ms,
         history=((now.ms, "created", None, None),))
+    task = task._replace(queuedAt=state.tick(now))
     lane = get_lane(payload, default="queued")
     target = get_optional_id(payload, "assignedTo")
     force = get_bool(payload, "force")
@@ -1678,15 +1774,17 @@ def update_task(state, now, task_id, payload, if_match=None):
     if lane in ACTIVE_LANES and not (target or task.assignedTo):
         raise bad_request(f"lane '{lane}' needs an assignee; give 'assignedTo' too", "lane")
     if changes:
+        note = ",".join(sorted(changes))
+        if task.lane == "queued" and changes.get("priority", task.priority) != task.priority:
+            changes["queuedAt"] = state.tick(now)       # the end of its new priority's queue
         task = task._replace(version=task.version + 1, updatedAt=now.ms,
-                             history=add_history(task, now, "updated", "api", ",".join(sorted(changes))), **changes)
+                             history=add_history(task, now, "updated", "api", note), **changes)
         state.put_task(task)
     if agent is not None:
         task = assign(state, now, task, agent, by="api", lane=lane if lane in ACTIVE_LANES else "assigned")
     elif reassign and target is None and task.assignedTo:
         revoke_notice(state, now, task, "was unassigned")
-        task = unassigned(task, now, "unassigned", "api")
-        state.put_task(task)
+        task = requeue(state, now, task, "unassigned", "api")
     if lane and lane != task.lane:
         task = move_lane(state, now, task, lane, "api")
     if task.lane == "queued" or task.lane in FINISHED_LANES:
@@ -1697,12 +1795,11 @@ def update_task(state, now, task_id, payload, if_match=None):
 def move_lane(state, now, task, lane, by):
     if lane == "queued":
         revoke_notice(state, now, task, "was put back in the queue")
-        task = unassigned(task, now, "requeued", by)
-    else:
-        if lane == "cancelled":
-            revoke_notice(state, now, task, "was cancelled")
-        task = task._replace(lane=lane, version=task.version + 1, updatedAt=now.ms,
-                             history=add_history(task, now, lane, by))
+        return requeue(state, now, task, "requeued", by)
+    if lane == "cancelled":
+        revoke_notice(state, now, task, "was cancelled")
+    task = task._replace(lane=lane, version=task.version + 1, updatedAt=now.ms,
+                         history=add_history(task, now, lane, by))
     state.put_task(task)
     return task
 
@@ -1758,8 +1855,7 @@ def agent_verb(state, now, task_id, verb, payload):
                            "at maxConcurrentTasks).", agent=agent_id)
         task = assign(state, now, task, agent, by=agent_id)
     elif verb == "release":
-        task = unassigned(task, now, "released", agent_id)
-        state.put_task(task)
+        task = requeue(state, now, task, "released", agent_id)
         assign_queued(state, now, only=[task.id], exclude=agent_id)
     elif task.lane != target:
         task = task._replace(lane=target, version=task.version + 1, updatedAt=now.ms,
@@ -1869,6 +1965,7 @@ class Bridge:
         self.config = config
         self.clock = clock or SystemClock()
         self.lock = threading.Lock()
+        self.pending = collections.deque()      # (seq, undo) of journal records not yet known on disk
         self.started = self.clock.now()
         state.offline_after = config.offline_after
         rebaseline(state, self.started)     # a restart gives every instance one full threshold
@@ -1877,42 +1974,60 @@ class Bridge:
     def open(cls, config, clock=None, fsync=os.fsync):
         """Lock and load the data dir, then write a snapshot when the state came from a backup copy."""
         store = Store(config.data_dir, fsync)
-        doc = store.open()
-        state = State.from_doc(doc)
+        state, doc = store.open(build=lambda doc: (State.from_doc(doc), doc))
         bridge = cls(store, state, config, clock)
         if doc.get("origin") == "backup":
             bridge.run(rebase_restored)
             bridge.snapshot()
         return bridge
 
-    def run(self, fn, *args, mutates=True):
-        """Call a domain function under the state lock, journal what it changed, and return its result once
-        the change (and anything the reader saw) is on disk. A write while storage is failing is a 503."""
+    def run(self, fn, *args):
+        """Call a domain function under the state lock as one transaction: what it changed is journaled, and
+        the result is returned once that (and anything the caller saw) is on disk. If the function raises,
+        or the disk refuses the change, the change is taken back: a 503 means it did not happen. A call
+        that changes nothing durable (a read, a plain heartbeat) works even while storage is failing."""
         with self.lock:
-            if mutates and not self.store.healthy:
-                raise storage_unavailable()
             try:
                 result = fn(self.state, self.clock.now(), *args)
-            finally:
-                ops, meta, events = self.state.take_changes()
-                if ops or meta:
-                    try:
-                        self.store.append(ops, meta)
-                    except OSError:
-                        log.exception("cannot append to the journal; refusing writes until storage recovers")
-                        raise storage_unavailable() from None
+            except BaseException:
+                self.state.rollback(self.state.take_changes().undo)
+                raise
+            batch = self.state.take_changes()
+            if batch.ops or batch.meta:
+                self.persist(batch)
             seq = self.store.journal.written
-        for level, message in events:
+            while self.pending and self.pending[0][0] <= self.store.journal.synced:
+                self.pending.popleft()
+        for level, message in batch.events:
             log.log(level, "%s", message)
         try:
             self.store.wait(seq)
         except OSError:
-            log.exception("cannot fsync the journal; refusing writes until storage recovers")
+            log.exception("cannot fsync the journal; refusing writes until a snapshot succeeds")
+            self.discard_unsynced()
             raise storage_unavailable() from None
         return result
 
-    def read(self, fn, *args):
-        return self.run(fn, *args, mutates=False)
+    def persist(self, batch):
+        """Append a batch to the journal (under the lock), or take it back and answer 503."""
+        if not self.store.healthy:
+            self.state.rollback(batch.undo)
+            raise storage_unavailable()
+        try:
+            seq = self.store.append(batch.ops, batch.meta)
+        except OSError:
+            log.exception("cannot write to the journal; refusing writes until a snapshot succeeds")
+            self.state.rollback(batch.undo)
+            raise storage_unavailable() from None
+        self.pending.append((seq, batch.undo))
+
+    def discard_unsynced(self):
+        """After a failed fsync: cut the records that may not be on disk and take back their changes, newest
+        first, so memory and disk agree and none of them can reappear at the next start."""
+        with self.lock:
+            synced = self.store.journal.discard_unsynced()
+            while self.pending and self.pending[-1][0] > synced:
+                self.state.rollback(self.pending.pop()[1])
 
     def snapshot(self):
         """Write the whole state as a new snapshot, off the request path: only the copy of the maps and the
@@ -1968,12 +2083,15 @@ class Bridge:
 
 
 def rebase_restored(state, now):
-    """A bridge starting on a backup copy cannot know which epochs the lost bridge handed out after the
-    backup; jumping every epoch by RESTORE_EPOCH_GAP keeps epochs from ever repeating."""
+    """A bridge starting on a backup copy cannot know which epochs and ids the lost bridge handed out after
+    the backup: every epoch (and version, so old ETags fail) jumps by RESTORE_EPOCH_GAP, and the id counter
+    by RESTORE_ID_GAP past the clock, which covers a lost bridge that ran ahead of the clock."""
     for task in list(state.tasks.values()):
-        state.put_task(task._replace(epoch=task.epoch + RESTORE_EPOCH_GAP, updatedAt=now.ms))
+        state.put_task(task._replace(epoch=task.epoch + RESTORE_EPOCH_GAP,
+                                     version=task.version + RESTORE_EPOCH_GAP, updatedAt=now.ms))
+    state.tick(now)
+    state.meta["lastId"] = max(state.meta["lastId"], now.ms) + RESTORE_ID_GAP
     state.meta["restoredAt"] = now.ms
-    state.meta_changed = True
     return None
 
 
@@ -2000,11 +2118,11 @@ def h_agents_register(bridge, req):
 
 
 def h_agents_list(bridge, req):
-    return 200, bridge.read(list_agents, req.query)
+    return 200, bridge.run(list_agents, req.query)
 
 
 def h_agent_get(bridge, req):
-    return 200, bridge.read(lambda s, now: render_agent(s, get_agent(s, req.params["id"])))
+    return 200, bridge.run(lambda s, now: render_agent(s, get_agent(s, req.params["id"])))
 
 
 def h_agent_delete(bridge, req):
@@ -2020,17 +2138,17 @@ def h_agent_tasks(bridge, req):
         agent = get_agent(state, req.params["id"])
         return {"agent": render_agent(state, agent),
                 "tasks": [render_task(state, state.tasks[t]) for t in state.active.get(agent.id, ())]}
-    return 200, bridge.read(agent_tasks)
+    return 200, bridge.run(agent_tasks)
 
 
 def h_agent_notifications(bridge, req):
     def agent_notes(state, now):
         return notifications_for(state, get_agent(state, req.params["id"]).id, query_bool(req.query, "unread"))
-    return 200, bridge.read(agent_notes)
+    return 200, bridge.run(agent_notes)
 
 
 def h_instances_list(bridge, req):
-    return 200, bridge.read(lambda s, now: [instance_figures(s, i, now) for i in s.instances.values()])
+    return 200, bridge.run(lambda s, now: [instance_figures(s, i, now) for i in s.instances.values()])
 
 
 def h_instance_get(bridge, req):
@@ -2039,7 +2157,7 @@ def h_instance_get(bridge, req):
         if instance is None:
             raise not_found("instance", req.params["id"])
         return instance_figures(state, instance, now)
-    return 200, bridge.read(one)
+    return 200, bridge.run(one)
 
 
 CAPACITY_FIELDS = ("instanceId", "status", "agentCount", "taskCount", "capacity", "availableCapacity",
@@ -2064,7 +2182,7 @@ def h_instance_undrain(bridge, req):
 
 
 def h_tasks_list(bridge, req):
-    page, total = bridge.read(list_tasks, req.query)
+    page, total = bridge.run(list_tasks, req.query)
     return 200, page, {"X-Total-Count": str(total)}
 
 
@@ -2076,7 +2194,7 @@ def h_task_get(bridge, req):
     def one(state, now):
         task = get_task(state, req.params["id"])
         return render_task(state, task), etag(task)
-    task, tag = bridge.read(one)
+    task, tag = bridge.run(one)
     return 200, task, {"ETag": tag}
 
 
@@ -2097,7 +2215,7 @@ def task_verb(verb):
 
 
 def h_notifications_list(bridge, req):
-    return 200, bridge.read(list_notifications, req.query)
+    return 200, bridge.run(list_notifications, req.query)
 
 
 def h_notifications_create(bridge, req):
@@ -2499,7 +2617,7 @@ def main(argv=None):
         return 0
     try:
         if command == "backup":
-            doc = backup_data(config.data_dir, args.dest)
+            doc = backup_data(config.data_dir, args.dest, build=lambda doc: State.from_doc(doc) and doc)
             print(f"backup written to {args.dest}: {len(doc['agents'])} agents, {len(doc['tasks'])} tasks, "
                   f"journal record {doc['seq']}")
             return 0

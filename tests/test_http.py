@@ -906,7 +906,7 @@ def test_internal_error_is_a_bare_500_without_details(secured, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError(f"disk trouble in {secured.config.data_dir} with {TOKEN}")
 
-    monkeypatch.setattr(secured.bridge, "read", explode)
+    monkeypatch.setattr(secured.bridge, "run", explode)
     data = fails(secured, "GET", "/api/agents", status=500, headers=AUTH)
     assert "disk trouble" not in json.dumps(data)
 
@@ -1014,3 +1014,15 @@ def test_300_concurrent_heartbeats_each_on_a_new_connection(live):
     assert errors == []
     assert len(results) == count
     assert all(200 <= status < 300 and success is True for status, success in results)
+
+
+def test_a_request_that_fails_halfway_changes_nothing(live):
+    """Each request is one transaction: a heartbeat that acknowledges a notification but carries a bad field
+    is refused whole, and the notification stays unread."""
+    assert live.call("POST", "/api/agents/register", {"id": "a1"})[0] == 201
+    assert live.call("POST", "/api/tasks", {"title": "t"})[0] == 201
+    note = live.call("GET", "/api/agents/a1/notifications?unread=true")[2][0]
+    status, _, body = live.call("POST", "/api/agents/a1/heartbeat",
+                                {"readNotifications": [note["id"]], "instanceId": "bad id!"})
+    assert status == 400 and body["error"]["field"] == "instanceId"
+    assert [n["id"] for n in live.call("GET", "/api/agents/a1/notifications?unread=true")[2]] == [note["id"]]

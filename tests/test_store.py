@@ -1,0 +1,953 @@
+"""Storage: what survives a restart, a kill -9, a torn or corrupt file, a full or failing disk, a second bridge on
+the same data, and a restore from a backup. Real processes and real HTTP on 127.0.0.1; crashes are SIGKILL."""
+import errno
+import hashlib
+import http.client
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import threading
+import time
+from unittest import mock
+
+import pytest
+
+import clawbridge
+from conftest import BRIDGE, LiveBridge
+
+GAP = clawbridge.RESTORE_EPOCH_GAP
+SOFT_FIELDS = ("lastHeartbeat", "reportedStatus", "currentTask")   # heartbeat state, not fsynced per beat
+CLOCK_FIELDS = ("healthScore",)     # derived from the bridge's monotonic clock, which a new process restarts
+ALL_TASKS = "/api/tasks?limit=10000"
+
+# ===== helpers: the API =====
+
+
+def ok(result, expect=(200, 201)):
+    """The body of a call that must succeed."""
+    status, _, body = result
+    assert status in expect, f"expected {expect}, got {status}: {body}"
+    return body
+
+
+def register(bridge, agent_id, **fields):
+    return ok(bridge.call("POST", "/api/agents/register", {"id": agent_id, **fields}))
+
+
+def new_task(bridge, **fields):
+    return ok(bridge.call("POST", "/api/tasks", {"title": "a task", **fields}), expect=(201,))
+
+
+def put_task(bridge, task_id, **fields):
+    return ok(bridge.call("PUT", f"/api/tasks/{task_id}", fields))
+
+
+def act(bridge, task, verb, **extra):
+    """An agent verb sent by the task's current owner with its current epoch."""
+    body = {"agentId": task["assignedTo"], "epoch": task["epoch"], **extra}
+    return ok(bridge.call("POST", f"/api/tasks/{task['id']}/{verb}", body))
+
+
+def notify(bridge, agent_id, message):
+    return ok(bridge.call("POST", "/api/notifications", {"agentId": agent_id, "message": message}), expect=(201,))
+
+
+def detailed_health(bridge):
+    return ok(bridge.call("GET", "/health"))
+
+
+def api_view(bridge, ignore=()):
+    """Everything a client can read, keyed by id, in a form that compares across restarts."""
+    view = {}
+    for section, path, key in (("agents", "/api/agents", "id"), ("tasks", ALL_TASKS, "id"),
+                               ("notifications", "/api/notifications", "id"),
+                               ("instances", "/api/instances", "instanceId")):
+        view[section] = {}
+        for item in ok(bridge.call("GET", path)):
+            item = {k: v for k, v in item.items() if k not in ignore}
+            if "activeTasks" in item:
+                item["activeTasks"] = sorted(item["activeTasks"])
+            view[section][item[key]] = item
+    return view
+
+
+def populate(bridge):
+    """Every kind of durable data: agents with all their fields on three instances, tasks in every lane with
+    reassignments (epochs) and history, read and unread notifications, a deleted agent and a deleted task, and
+    a heartbeat's soft state. Returns {name: task id}."""
+    register(bridge, "mac-1", name="Mac One", emoji="🔧", roles=["backend", "api"], model="sonnet",
+             workspace="/home/me/ws", instanceId="macbook", hostname="mac.local", tailscaleIP="100.64.0.10",
+             heartbeatInterval=60000, maxConcurrentTasks=10, metadata={"gpu": False, "list": ["a", {"b": 1}]})
+    register(bridge, "srv-1", roles="backend,devops", instanceId="server", hostname="srv.internal",
+             maxConcurrentTasks=10)
+    register(bridge, "srv-2", roles=["qa"], instanceId="server")
+    register(bridge, "leaver", instanceId="laptop")
+    ids = {"queued": new_task(bridge, title="nobody can do this", roles=["astronomy"], priority="P0",
+                              tags=["x", "y"], instanceId="server")["id"],
+           "unicode": new_task(bridge, title="Ünïcødé ✓ 日本 \u2028 line", description="d" * 5000,
+                               assignedTo="srv-2")["id"]}
+    moved = new_task(bridge, title="moved twice", assignedTo="mac-1")
+    put_task(bridge, moved["id"], assignedTo="srv-1")
+    ids["moved"] = put_task(bridge, moved["id"], assignedTo="mac-1", priority="P1")["id"]
+    progress = act(bridge, new_task(bridge, title="in progress", assignedTo="srv-1"), "start")
+    ids["progress"] = progress["id"]
+    ids["blocked"] = act(bridge, act(bridge, new_task(bridge, assignedTo="mac-1"), "start"), "block",
+                         reason="waiting for keys")["id"]
+    ids["done"] = act(bridge, act(bridge, new_task(bridge, assignedTo="srv-1"), "start"), "complete")["id"]
+    ids["review"] = put_task(bridge, new_task(bridge, assignedTo="mac-1")["id"], lane="review")["id"]
+    ids["cancelled"] = put_task(bridge, new_task(bridge, assignedTo="srv-1")["id"], lane="cancelled")["id"]
+    ids["released"] = act(bridge, new_task(bridge, assignedTo="srv-2"), "release")["id"]
+    ids["requeued"] = new_task(bridge, title="was the leaver's", assignedTo="leaver")["id"]
+    ok(bridge.call("DELETE", "/api/agents/leaver"))
+    ok(bridge.call("DELETE", f"/api/tasks/{new_task(bridge, title='deleted')['id']}"))
+    note = notify(bridge, "srv-2", "hello ✓")
+    notify(bridge, "srv-2", "unread")
+    ok(bridge.call("PUT", f"/api/notifications/{note['id']}/read"))
+    ok(bridge.call("POST", "/api/agents/srv-2/heartbeat", {"status": "working", "currentTask": ids["unicode"]}))
+    return ids
+
+
+def task_map(bridge):
+    return {t["id"]: t for t in ok(bridge.call("GET", ALL_TASKS))}
+
+
+# ===== helpers: processes and files =====
+
+
+def data_dir(tmp_path):
+    """Where start_bridge() keeps its data."""
+    return tmp_path / ".clawhub"
+
+
+def run_cli(args, cwd, env=None, timeout=15):
+    """Run clawbridge.py to its exit. Returns (exit code, output, seconds); fails if it keeps running."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "CLAW"))}
+    full_env.update(env or {})
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, BRIDGE, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"clawbridge.py {' '.join(args)} kept running:\n{output}")
+    return proc.returncode, output, time.monotonic() - started
+
+
+def refused_start(cwd, *args):
+    """Start a bridge that must refuse; returns its output after checking the exit code is 1."""
+    code, output, _ = run_cli(["--port", "0", *args], cwd)
+    assert code == 1, f"exit code {code}:\n{output}"
+    assert "Traceback" not in output
+    return output
+
+
+def file_digests(directory):
+    """{name: sha256} of the data files (the lock file aside)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != clawbridge.LOCK_FILE}
+
+
+def data_files(directory):
+    """(snapshot seqs, segment first seqs) in a data dir."""
+    snapshots, segments = clawbridge.list_data_files(str(directory))
+    return [seq for seq, _ in snapshots], [seq for seq, _ in segments]
+
+
+def newest_segment(directory):
+    return directory / clawbridge.list_data_files(str(directory))[1][-1][1]
+
+
+def wait_until(predicate, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def restart(start_bridge, bridge, how, **start_options):
+    """Stop a bridge subprocess (SIGTERM, which must exit 0, or SIGKILL) and start it again with the same
+    start_options (env, args), so on the same data."""
+    if how == "kill":
+        bridge.kill()
+    else:
+        assert bridge.stop() == 0, bridge.output()
+    return start_bridge(**start_options)
+
+
+class Live(LiveBridge):
+    """LiveBridge that may be closed twice (tests restart it by hand) and whose Store may use another fsync,
+    the OS-call boundary where a failing disk is simulated."""
+
+    closed = False
+
+    def __init__(self, directory, clock, fsync=os.fsync):
+        real_open = clawbridge.Bridge.open
+
+        def open_with_fsync(config, clock=None):
+            return real_open(config, clock=clock, fsync=fsync)
+
+        with mock.patch.object(clawbridge.Bridge, "open", open_with_fsync):
+            super().__init__(directory, clock=clock)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            super().close()
+
+
+@pytest.fixture
+def open_live(tmp_path, clock):
+    """Open in-thread bridges on tmp_path/data, one at a time; any still open is closed at teardown."""
+    opened = []
+
+    def open_(fsync=os.fsync):
+        live = Live(tmp_path / "data", clock, fsync)
+        opened.append(live)
+        return live
+
+    yield open_
+    for live in opened:
+        live.close()
+
+
+class Disk:
+    """The fsync the Store is given: the real one, slowed by `delay` (a slow disk), or failing with EIO while
+    `failing` is set. It remembers how much of each journal segment the fsyncs covered."""
+
+    def __init__(self, delay=0.0):
+        self.failing, self.delay, self.calls = False, delay, 0
+        self.lock = threading.Lock()
+        self.synced = {}    # journal path -> bytes covered by a completed fsync
+
+    def __call__(self, fd):
+        with self.lock:
+            self.calls += 1
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        time.sleep(self.delay)
+        size = os.fstat(fd).st_size
+        os.fsync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "journal-" in path:
+            with self.lock:
+                self.synced[path] = max(self.synced.get(path, 0), size)
+
+    def durable_journal(self):
+        """The journal bytes known to be on disk."""
+        with self.lock:
+            covered = sorted(self.synced.items())
+        data = b""
+        for path, size in covered:
+            with open(path, "rb") as f:
+                data += f.read(size)
+        return data
+
+
+# ===== helpers: load with acknowledgements =====
+
+
+class Acked:
+    """What the bridge acknowledged (2xx): the latest state of each task, notification ids, agent ids, and
+    every id it ever issued."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tasks, self.notes, self.agents, self.issued = {}, set(), set(), set()
+
+    def task(self, task):
+        with self.lock:
+            self.issued.add(task["id"])
+            old = self.tasks.get(task["id"])
+            if old is None or task["version"] >= old["version"]:
+                self.tasks[task["id"]] = task
+
+    def note(self, note):
+        with self.lock:
+            self.issued.add(note["id"])
+            self.notes.add(note["id"])
+
+    def agent(self, agent):
+        with self.lock:
+            self.agents.add(agent["id"])
+
+    def copy(self):
+        with self.lock:
+            other = Acked()
+            other.tasks, other.notes = dict(self.tasks), set(self.notes)
+            other.agents, other.issued = set(self.agents), set(self.issued)
+            return other
+
+    def count(self):
+        with self.lock:
+            return len(self.tasks) + len(self.notes) + len(self.agents)
+
+
+class WriteLoad:
+    """Client threads writing on a new connection per request (creates, updates, reassignments, verbs,
+    notifications, registrations), recording every 2xx in `acked`. A thread stops at its first connection
+    error, which is how a kill -9 of the bridge shows."""
+
+    def __init__(self, bridge, acked, agents, threads=4, seed=0):
+        self.bridge, self.acked, self.agents = bridge, acked, agents
+        self.stop = threading.Event()
+        self.failures = []      # unexpected statuses
+        self.disconnects = 0
+        self.threads = [threading.Thread(target=self.worker, args=(seed * 100 + n,), daemon=True)
+                        for n in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def worker(self, seed):
+        rng = random.Random(seed)
+        mine = []       # this thread's tasks: no other client touches them, so the last ack is the latest state
+        while not self.stop.is_set():
+            try:
+                self.step(rng, mine, seed)
+            except (OSError, http.client.HTTPException):
+                self.disconnects += 1
+                return
+
+    def step(self, rng, mine, seed):
+        roll = rng.random()
+        if not mine or roll < 0.25:
+            status, body = self.call("POST", "/api/tasks", {"title": f"load {seed}", "force": True,
+                                                             "assignedTo": rng.choice(self.agents)})
+            if status == 201:
+                mine.append(body)
+                self.acked.task(body)
+            return
+        index = rng.randrange(len(mine))
+        task = mine[index]
+        if roll < 0.45:
+            status, body = self.call("PUT", f"/api/tasks/{task['id']}",
+                                     {"title": f"edit {rng.random()}", "priority": rng.choice(clawbridge.PRIORITIES)})
+        elif roll < 0.65:
+            target = rng.choice([a for a in self.agents if a != task["assignedTo"]] or self.agents)
+            status, body = self.call("PUT", f"/api/tasks/{task['id']}", {"assignedTo": target, "force": True})
+        elif roll < 0.8 and task["lane"] in ("assigned", "in_progress"):
+            verb = "start" if task["lane"] == "assigned" else "complete"
+            status, body = self.call("POST", f"/api/tasks/{task['id']}/{verb}",
+                                     {"agentId": task["assignedTo"], "epoch": task["epoch"]})
+        elif roll < 0.92:
+            status, body = self.call("POST", "/api/notifications",
+                                     {"agentId": rng.choice(self.agents), "message": f"note {seed}"})
+            if status == 201:
+                self.acked.note(body)
+            return
+        else:
+            status, body = self.call("POST", "/api/agents/register",
+                                     {"id": f"extra-{seed}-{rng.randrange(10 ** 9)}", "instanceId": "extra"})
+            if status in (200, 201):
+                self.acked.agent(body)
+            return
+        if status == 200:
+            mine[index] = body
+            self.acked.task(body)
+
+    def call(self, method, path, body):
+        status, _, reply = self.bridge.call(method, path, body)
+        if status >= 300:
+            self.failures.append((method, path, status, reply))
+        return status, reply
+
+
+def start_fleet(bridge, acked, prefix="a"):
+    """Agents the load assigns work to, on two instances. Returns their ids."""
+    agents = [f"{prefix}{n}" for n in range(4)]
+    for n, agent_id in enumerate(agents):
+        acked.agent(register(bridge, agent_id, instanceId=f"host-{n % 2}", maxConcurrentTasks=1000))
+    return agents
+
+
+def assert_acked_present(bridge, acked, epoch_gap=0):
+    """Every acknowledged write is there with at least the acknowledged version (and, after a restore from a
+    backup, an epoch at least epoch_gap higher)."""
+    tasks = task_map(bridge)
+    lost = sorted(set(acked.tasks) - set(tasks))
+    assert not lost, f"{len(lost)} acknowledged tasks lost, e.g. {lost[:5]}"
+    for task_id, want in acked.tasks.items():
+        got = tasks[task_id]
+        assert got["version"] >= want["version"], f"{task_id}: acknowledged v{want['version']}, found {got}"
+        assert got["epoch"] >= want["epoch"] + epoch_gap, f"{task_id}: acknowledged epoch {want['epoch']}"
+        if got["version"] == want["version"]:
+            for field in ("lane", "assignedTo", "title", "priority"):
+                assert got[field] == want[field], f"{task_id}.{field}: acknowledged {want}, found {got}"
+    notes = {n["id"] for n in ok(bridge.call("GET", "/api/notifications"))}
+    assert acked.notes <= notes, f"acknowledged notifications lost: {sorted(acked.notes - notes)[:5]}"
+    agents = {a["id"] for a in ok(bridge.call("GET", "/api/agents"))}
+    assert acked.agents <= agents, f"acknowledged agents lost: {sorted(acked.agents - agents)[:5]}"
+
+
+def check_indexes(state):
+    """The derived indexes agree with the entities: each agent's active set is exactly its unfinished tasks, the
+    queue holds exactly the queued tasks, instance membership matches the agents."""
+    for agent_id, agent in state.agents.items():
+        unfinished = {t.id for t in state.tasks.values()
+                      if t.assignedTo == agent_id and t.lane in clawbridge.ACTIVE_LANES}
+        assert set(state.active.get(agent_id, ())) == unfinished, agent_id
+        assert agent_id in state.members.get(agent.instanceId, ())
+    assert set(state.active) <= set(state.agents)
+    for priority in clawbridge.PRIORITIES:
+        assert set(state.queued[priority]) == {t.id for t in state.tasks.values()
+                                               if t.lane == "queued" and t.priority == priority}
+    for task in state.tasks.values():
+        assert task.lane not in clawbridge.ACTIVE_LANES or task.assignedTo in state.agents, task
+    assert sum(len(m) for m in state.members.values()) == len(state.agents)
+
+
+def index_view(state):
+    return {"active": {a: sorted(ids) for a, ids in state.active.items()},
+            "queued": {p: list(ids) for p, ids in state.queued.items()},
+            "members": {i: sorted(ids) for i, ids in state.members.items() if ids},
+            "inbox": {a: list(ids) for a, ids in state.inbox.items()}}
+
+
+def sections(doc):
+    """A state document's data as {section: {key: item}}, JSON-normalised."""
+    doc = json.loads(json.dumps(doc))
+    return {s: {item[clawbridge.SECTION_KEYS[s]]: item for item in doc[s]} for s in clawbridge.SECTIONS}
+
+
+def without_soft(secs):
+    secs = json.loads(json.dumps(secs))
+    for agent in secs["agents"].values():
+        for field in SOFT_FIELDS:
+            agent.pop(field, None)
+    return secs
+
+
+# ===== round trips =====
+
+
+def test_load_data_rebuilds_the_live_state_from_journal_and_snapshots(open_live, tmp_path):
+    live = open_live()
+    populate(live)
+    directory = str(tmp_path / "data")
+
+    def stored():
+        doc, _ = clawbridge.load_data(directory)
+        assert doc["seq"] == live.bridge.store.journal.written
+        assert doc["meta"] == live.bridge.state.meta
+        return sections(doc)
+
+    def in_memory():
+        return sections(live.bridge.state.to_doc(0))
+
+    assert data_files(directory)[0] == [], "so far the state lives in the journal alone"
+    assert without_soft(stored()) == without_soft(in_memory())
+    live.bridge.snapshot()
+    assert stored() == in_memory(), "a snapshot carries the soft state too"
+    put_task(live, new_task(live, title="after the snapshot", assignedTo="srv-1")["id"], lane="review")
+    notify(live, "mac-1", "after the snapshot")
+    assert stored() == in_memory(), "snapshot plus journal"
+    live.bridge.snapshot()
+    ok(live.call("DELETE", "/api/agents/srv-2"))
+    assert stored() == in_memory()
+    assert len(data_files(directory)[0]) == 2
+
+
+def test_restart_in_process_keeps_everything_identical(open_live, clock):
+    live = open_live()
+    ids = populate(live)
+    before = api_view(live)
+    live.close()
+    live = open_live()
+    assert api_view(live) == before
+    tasks = before["tasks"]
+    assert tasks[ids["moved"]]["epoch"] == 3 and tasks[ids["moved"]]["priority"] == "P1"
+    assert [h["event"] for h in tasks[ids["blocked"]]["history"]][-1] == "block"
+    assert {t["lane"] for t in tasks.values()} == {"queued", "assigned", "in_progress", "blocked", "review", "done",
+                                                   "cancelled"}
+    assert "leaver" not in before["agents"] and "laptop" not in before["instances"]
+    assert [n["read"] for n in before["notifications"].values() if n["agentId"] == "srv-2"].count(True) == 1
+
+
+def test_ids_and_epochs_never_repeat_after_a_restart_even_if_the_clock_went_back(open_live, clock):
+    live = open_live()
+    register(live, "a1", maxConcurrentTasks=100)
+    register(live, "a2", maxConcurrentTasks=100)
+    first = [new_task(live, assignedTo="a1") for _ in range(5)]
+    notify(live, "a1", "x")
+    epochs = {t["id"]: put_task(live, t["id"], assignedTo="a2")["epoch"] for t in first}
+    view = api_view(live)
+    issued = set(view["tasks"]) | set(view["notifications"])
+    live.close()
+    clock.ms -= 3       # the wall clock stepped back (NTP); the fake one stands still, so ids ran ahead of it
+    live = open_live()
+    later = [notify(live, "a2", "y") for _ in range(10)] + [new_task(live) for _ in range(5)]
+    assert not issued & {item["id"] for item in later}
+    for task in first:
+        assert put_task(live, task["id"], assignedTo="a1")["epoch"] == epochs[task["id"]] + 1
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_restart_of_the_real_bridge_keeps_everything(start_bridge, how):
+    bridge = start_bridge()
+    populate(bridge)
+    ignore = CLOCK_FIELDS + (SOFT_FIELDS if how == "kill" else ())
+    before = api_view(bridge, ignore)
+    bridge = restart(start_bridge, bridge, how)
+    assert api_view(bridge, ignore) == before
+    assert new_task(bridge, assignedTo="mac-1")["assignedTo"] == "mac-1", "and it takes writes"
+
+
+def test_heartbeats_are_soft_state_yet_kept_by_a_clean_restart(start_bridge):
+    bridge = start_bridge()
+    register(bridge, "a1", instanceId="box")
+    seq = detailed_health(bridge)["storage"]["journalSeq"]
+    for n in range(20):
+        beat = ok(bridge.call("POST", "/api/agents/a1/heartbeat", {"status": "working", "currentTask": f"t{n}"}))
+    assert detailed_health(bridge)["storage"]["journalSeq"] == seq, "a plain beat adds no journal record"
+    moved = ok(bridge.call("POST", "/api/agents/a1/heartbeat", {"hostname": "new-host"}))
+    assert detailed_health(bridge)["storage"]["journalSeq"] == seq + 1, "a beat that changes the agent is journaled"
+    bridge = restart(start_bridge, bridge, "kill")
+    agent = ok(bridge.call("GET", "/api/agents/a1"))
+    assert agent["hostname"] == "new-host" and agent["updatedAt"] == moved["agent"]["updatedAt"]
+    beat = ok(bridge.call("POST", "/api/agents/a1/heartbeat", {"status": "working", "currentTask": "last"}))
+    bridge = restart(start_bridge, bridge, "term")
+    agent = ok(bridge.call("GET", "/api/agents/a1"))
+    assert (agent["lastHeartbeat"], agent["currentTask"]) == (beat["agent"]["lastHeartbeat"], "last")
+
+
+# ===== kill -9 =====
+
+
+def test_every_acknowledged_write_survives_kill_9_under_load(start_bridge):
+    acked = Acked()
+    bridge = start_bridge()
+    agents = start_fleet(bridge, acked)
+    for trial in range(5):
+        already = acked.count()
+        load = WriteLoad(bridge, acked, agents, threads=6, seed=trial)
+        wait_until(lambda: acked.count() >= already + 100, what="the load to get going")
+        time.sleep(random.Random(trial).uniform(0, 0.3))
+        bridge.kill()
+        load.finish()
+        assert not load.failures, load.failures[:3]
+        issued = set(acked.issued)
+        bridge = start_bridge()
+        assert_acked_present(bridge, acked)
+        fresh = [new_task(bridge, assignedTo=agents[0])["id"], notify(bridge, agents[0], "after restart")["id"]]
+        assert not issued & set(fresh), "an id handed out before the crash was handed out again"
+    assert acked.count() >= 500
+
+
+# ===== torn and damaged journal =====
+
+
+def killed_with_journal(start_bridge):
+    """A bridge with data only in its journal, killed. Returns (view before the kill, newest segment path)."""
+    bridge = start_bridge()
+    populate(bridge)
+    before = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
+    bridge.kill()
+    return before, newest_segment(data_dir(bridge.workdir))
+
+
+@pytest.mark.parametrize("tail", ["garbage", "half record", "record without newline"])
+def test_a_torn_last_line_is_cut_off_and_the_bridge_starts(start_bridge, tail):
+    before, segment = killed_with_journal(start_bridge)
+    good = segment.read_bytes()
+    last = good.splitlines()[-1]
+    torn = {"garbage": b"\x00\xff{garbage",
+            "half record": last[:len(last) // 2],
+            "record without newline": json.dumps({"seq": json.loads(last)["seq"] + 1, "ops": []}).encode()}[tail]
+    segment.write_bytes(good + torn)
+    bridge = start_bridge()
+    assert api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS) == before
+    assert segment.read_bytes() == good, "the torn tail is cut off, the records before it kept"
+    written = new_task(bridge, title="after the repair", assignedTo="mac-1")
+    bridge = restart(start_bridge, bridge, "kill")
+    assert task_map(bridge)[written["id"]]["title"] == "after the repair", "appends after the cut are readable"
+
+
+@pytest.mark.parametrize("where", ["first line", "line before the last"])
+def test_a_damaged_line_followed_by_records_refuses_to_start(start_bridge, tmp_path, where):
+    _, segment = killed_with_journal(start_bridge)
+    lines = segment.read_bytes().splitlines(keepends=True)
+    index = 0 if where == "first line" else len(lines) - 2
+    lines[index] = b"#" * (len(lines[index]) - 1) + b"\n"
+    segment.write_bytes(b"".join(lines))
+    digests = file_digests(data_dir(tmp_path))
+    output = refused_start(tmp_path)
+    assert segment.name in output and "damaged" in output
+    assert file_digests(data_dir(tmp_path)) == digests, "nothing is cut or rewritten when recovery is refused"
+
+
+# ===== snapshots =====
+
+
+def two_snapshots_and_a_journal(start_bridge):
+    """A bridge with two snapshots (forced with /api/sync) and journal records after each, killed.
+    Returns (view before the kill, [older, newer] snapshot paths)."""
+    bridge = start_bridge()
+    populate(bridge)
+    seqs = [ok(bridge.call("POST", "/api/sync"))["snapshotSeq"]]
+    moved = new_task(bridge, title="between the snapshots", assignedTo="mac-1")
+    put_task(bridge, moved["id"], assignedTo="srv-1")
+    seqs.append(ok(bridge.call("POST", "/api/sync"))["snapshotSeq"])
+    act(bridge, put_task(bridge, moved["id"], assignedTo="mac-1"), "start")
+    notify(bridge, "mac-1", "after the last snapshot")
+    before = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
+    bridge.kill()
+    directory = data_dir(bridge.workdir)
+    assert data_files(directory)[0] == seqs
+    return before, [directory / f"snapshot-{seq:012d}.json" for seq in seqs]
+
+
+def corrupt(path, how):
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
+                      "not a snapshot": b'{"hello": "world"}\n',
+                      "damaged entity": data.replace(b'"title":', b'"titel":', 1)}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity"])
+def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how):
+    before, (older, newer) = two_snapshots_and_a_journal(start_bridge)
+    corrupt(newer, how)
+    bridge = start_bridge()
+    assert api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS) == before
+    assert not newer.exists() and newer.with_name(newer.name + ".corrupt").exists(), "kept aside for inspection"
+    assert newer.name in bridge.output(), "the log says which file was bad"
+    written = new_task(bridge, title="after the fallback", assignedTo="srv-1")
+    bridge = restart(start_bridge, bridge, "kill")
+    assert task_map(bridge)[written["id"]]["title"] == "after the fallback"
+    after = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)["tasks"]
+    assert {task_id: after[task_id] for task_id in before["tasks"]} == before["tasks"], "the renamed file stays out"
+
+
+@pytest.mark.parametrize("damage", ["both corrupt", "both missing"])
+def test_no_good_state_left_refuses_to_start_and_leaves_the_data_alone(start_bridge, tmp_path, damage):
+    _, snapshots = two_snapshots_and_a_journal(start_bridge)
+    directory = data_dir(tmp_path)
+    segments = data_files(directory)[1]
+    assert segments[0] > 1, "the journal no longer starts at record 1"
+    for path in snapshots:
+        if damage == "both corrupt":
+            corrupt(path, "truncated")
+        else:
+            path.unlink()
+    digests = file_digests(directory)
+    output = refused_start(tmp_path)
+    named = [path.name for path in snapshots] if damage == "both corrupt" else [f"journal-{segments[0]:012d}"]
+    assert any(name in output for name in named), f"the message names the file:\n{output}"
+    assert file_digests(directory) == digests, "the data dir is not overwritten"
+
+
+def test_snapshots_rotate_and_prune_and_the_rest_still_recovers(start_bridge, tmp_path):
+    bridge = start_bridge()
+    register(bridge, "a1", maxConcurrentTasks=100)
+    seqs = []
+    for round_ in range(4):
+        task = new_task(bridge, title=f"round {round_}", assignedTo="a1")
+        put_task(bridge, task["id"], priority="P0")
+        seqs.append(ok(bridge.call("POST", "/api/sync"))["snapshotSeq"])
+    new_task(bridge, title="only in the journal", assignedTo="a1")
+    before = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
+    bridge.kill()
+    directory = data_dir(tmp_path)
+    assert data_files(directory) == (seqs[-2:], [seq + 1 for seq in seqs[-2:]]), sorted(os.listdir(directory))
+    assert not [name for name in os.listdir(directory) if ".tmp" in name], "no temp file is left behind"
+    bridge = start_bridge()
+    assert api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS) == before
+
+
+# ===== the data-dir lock =====
+
+
+def test_a_second_bridge_on_the_same_data_dir_refuses_to_start(start_bridge, tmp_path):
+    first = start_bridge()
+    register(first, "a1")
+    link = tmp_path / "same-data"
+    link.symlink_to(data_dir(tmp_path))
+    for args in ([], ["--data-dir", str(data_dir(tmp_path))], ["--data-dir", str(link)]):
+        code, output, seconds = run_cli(["--port", "0", *args], tmp_path, timeout=5)
+        assert code != 0 and "already using the data directory" in output, output
+        assert seconds < 5
+    assert first.proc.poll() is None
+    new_task(first, assignedTo="a1")
+    bridge = restart(start_bridge, first, "kill")
+    assert len(task_map(bridge)) == 1 and "a1" in api_view(bridge)["agents"]
+
+
+# ===== backup and restore =====
+
+
+def test_backup_under_load_restores_everything_acknowledged_before_it(start_bridge, tmp_path):
+    acked = Acked()
+    original = start_bridge()
+    agents = start_fleet(original, acked)
+    populate(original)
+    load = WriteLoad(original, acked, agents, threads=4)
+    wait_until(lambda: acked.count() >= 60, what="the load to get going")
+    before = acked.copy()
+    dest = tmp_path / "backup"
+    code, output, _ = run_cli(["backup", str(dest), "--data-dir", str(data_dir(tmp_path))], tmp_path)
+    assert code == 0 and "backup written" in output, output
+    wait_until(lambda: acked.count() >= before.count() + 60, what="more writes after the backup")
+    load.finish()       # the original's last writes, as if its host died now
+    assert not load.failures, load.failures[:3]
+    restored = start_bridge(env={"BRIDGE_DATA_DIR": str(dest)})
+    assert restored.port != original.port
+    fresh = [new_task(restored, assignedTo=agents[0]) for _ in range(20)]
+    fresh_notes = [notify(restored, agents[0], "on the copy") for _ in range(5)]
+    assert_acked_present(restored, before, epoch_gap=GAP)
+    assert_acked_present(original, acked)       # the original was not disturbed by the backup
+    assert restored.stop() == 0
+    digests = file_digests(dest)
+    code, output, _ = run_cli(["backup", str(dest), "--data-dir", str(data_dir(tmp_path))], tmp_path)
+    assert code == 1 and "already holds bridge data" in output, output
+    assert file_digests(dest) == digests, "a backup never writes over bridge data"
+    clashes = acked.issued & {item["id"] for item in fresh + fresh_notes}
+    assert not clashes, f"the copy handed out ids the original had already issued: {sorted(clashes)[:5]}"
+
+
+def test_restore_keeps_epochs_past_the_gap_across_its_own_restarts(start_bridge, tmp_path):
+    original = start_bridge()
+    register(original, "a1")
+    register(original, "a2")
+    task = new_task(original, assignedTo="a1")
+    task = put_task(original, task["id"], assignedTo="a2")
+    dest = tmp_path / "copy"
+    assert run_cli(["backup", str(dest), "--data-dir", str(data_dir(tmp_path))], tmp_path)[0] == 0
+    original.kill()
+    on_copy = {"args": ["--data-dir", str(dest)]}
+    restored = start_bridge(**on_copy)
+    assert task_map(restored)[task["id"]]["epoch"] == task["epoch"] + GAP
+    moved = put_task(restored, task["id"], assignedTo="a1")
+    assert moved["epoch"] == task["epoch"] + GAP + 1
+    restored = restart(start_bridge, restored, "kill", **on_copy)
+    assert task_map(restored)[task["id"]]["epoch"] >= moved["epoch"]
+
+
+# ===== a failing disk =====
+
+
+def broken_disk(open_live):
+    """An in-thread bridge with one acknowledged task, whose disk then starts failing fsync (EIO); the write
+    that meets the failure is answered 503. Returns (live, disk, the acknowledged task)."""
+    disk = Disk()
+    live = open_live(disk)
+    register(live, "a1", maxConcurrentTasks=100)
+    kept = new_task(live, title="before the failure", assignedTo="a1")
+    disk.failing = True
+    status, _, body = live.call("POST", "/api/tasks", {"title": "refused"})
+    assert (status, body["error"]["code"]) == (503, "storage_unavailable")
+    return live, disk, kept
+
+
+def test_each_acknowledged_write_is_fsynced_before_its_reply_and_writers_share_fsyncs(open_live):
+    disk = Disk(delay=0.03)     # a slow disk, so that writers pile up behind an fsync
+    live = open_live(disk)
+    register(live, "a1", maxConcurrentTasks=100)
+    calls, writers = disk.calls, 16
+    barrier, early = threading.Barrier(writers), []
+
+    def writer(n):
+        barrier.wait()
+        task = new_task(live, title=f"burst {n}", assignedTo="a1")
+        if task["id"].encode() not in disk.durable_journal():
+            early.append(task["id"])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(task_map(live)) == writers
+    assert not early, f"acknowledged before an fsync covered the journal record: {early}"
+    assert disk.calls - calls <= writers // 2, f"{disk.calls - calls} fsyncs for {writers} concurrent writes"
+
+
+def test_a_failing_fsync_refuses_writes_until_a_snapshot_succeeds(open_live):
+    live, disk, kept = broken_disk(open_live)
+    status, _, health = live.call("GET", "/health")
+    assert (status, health["status"]) == (503, "degraded")
+    for method, path, payload in (("PUT", f"/api/tasks/{kept['id']}", {"title": "changed"}),
+                                  ("POST", "/api/agents/register", {"id": "a2"}),
+                                  ("POST", "/api/notifications", {"agentId": "a1", "message": "m"}),
+                                  ("POST", "/api/tasks", {"title": "refused too"})):
+        status, _, body = live.call(method, path, payload)
+        assert (status, body["error"]["code"]) == (503, "storage_unavailable"), (method, path)
+    with pytest.raises(OSError):
+        live.bridge.snapshot()      # what the Flusher retries: no recovery while the disk still fails
+    assert live.call("GET", "/health")[0] == 503
+    disk.failing = False
+    live.bridge.snapshot()
+    status, _, health = live.call("GET", "/health")
+    assert (status, health["status"]) == (200, "ok")
+    after = new_task(live, title="after the recovery", assignedTo="a1")
+    before_restart = api_view(live)
+    live.close()
+    live = open_live()
+    assert api_view(live) == before_restart
+    titles = {t["id"]: t["title"] for t in before_restart["tasks"].values()}
+    assert (titles[kept["id"]], titles[after["id"]]) == ("before the failure", "after the recovery")
+    assert "refused too" not in titles.values() and "a2" not in before_restart["agents"]
+
+
+def test_reads_keep_working_while_writes_are_refused(open_live):
+    live, _, kept = broken_disk(open_live)
+    status, _, tasks = live.call("GET", ALL_TASKS)
+    assert status == 200, f"a read during a storage failure: {status} {tasks}"
+    assert {t["id"]: t["title"] for t in tasks}[kept["id"]] == "before the failure"
+    assert ok(live.call("GET", "/api/agents/a1"))["activeTasks"] == [kept["id"]]
+
+
+def test_a_write_answered_503_did_not_happen(open_live):
+    """The 503 says the change was not saved and to retry, so it must not show up later (a retry would
+    otherwise create the task twice)."""
+    live, disk, _ = broken_disk(open_live)
+    disk.failing = False
+    live.bridge.snapshot()
+    assert "refused" not in [t["title"] for t in ok(live.call("GET", ALL_TASKS))]
+    live.close()
+    live = open_live()
+    assert "refused" not in [t["title"] for t in ok(live.call("GET", ALL_TASKS))]
+
+
+def limit_file_size(pid, size):
+    """Set the bridge process's RLIMIT_FSIZE: a write past `size` bytes fails with EFBIG, like a full disk."""
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("where", ["mid-segment", "first record of a segment"])
+def test_a_failed_journal_write_is_503_and_recovery_loses_nothing(start_bridge, tmp_path, where):
+    bridge = start_bridge()
+    acked = Acked()
+    agents = start_fleet(bridge, acked)
+    ok(bridge.call("POST", "/api/sync"))
+    if where == "mid-segment":
+        acked.task(new_task(bridge, assignedTo=agents[0]))
+    segment = newest_segment(data_dir(tmp_path))
+    limit_file_size(bridge.proc.pid, segment.stat().st_size + 20)      # the next record is written only in part
+    status, _, body = bridge.call("POST", "/api/tasks", {"title": "refused", "assignedTo": agents[0]})
+    assert (status, body["error"]["code"]) == (503, "storage_unavailable")
+    status, _, health = bridge.call("GET", "/health")
+    assert (status, health["status"]) == (503, "degraded")
+    limit_file_size(bridge.proc.pid, resource.RLIM_INFINITY)
+    wait_until(lambda: bridge.call("GET", "/health")[0] == 200, what="the Flusher's recovery snapshot")
+    for n in range(3):
+        acked.task(new_task(bridge, title=f"after the recovery {n}", assignedTo=agents[1]))
+    bridge = restart(start_bridge, bridge, "kill")
+    assert_acked_present(bridge, acked)
+
+
+# ===== concurrent mutations =====
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    """Switch threads every few microseconds instead of every 5 ms, so that unlocked check-then-act code
+    would interleave and show."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_concurrent_creates_and_reassignments_keep_indexes_and_fence_epochs(open_live, frequent_thread_switches):
+    live = open_live()
+    agents = [f"a{n}" for n in range(4)]
+    for n, agent_id in enumerate(agents):
+        register(live, agent_id, instanceId=f"host-{n % 2}", maxConcurrentTasks=1000)
+    shared = [new_task(live, assignedTo="a0")["id"] for _ in range(3)]
+    answers, created, errors, lock = [], [], [], threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        own = new_task(live, assignedTo=rng.choice(agents))
+        own_epochs = [own["epoch"]]
+        for _ in range(30):
+            roll = rng.random()
+            if roll < 0.4:
+                status, _, body = live.call("PUT", f"/api/tasks/{rng.choice(shared)}",
+                                            {"assignedTo": rng.choice(agents)})
+            elif roll < 0.6:
+                target = rng.choice([a for a in agents if a != own["assignedTo"]])
+                own = put_task(live, own["id"], assignedTo=target)
+                own_epochs.append(own["epoch"])
+                continue
+            elif roll < 0.75:
+                status, _, body = live.call("POST", "/api/tasks", {"title": "c", "assignedTo": rng.choice(agents)})
+            elif roll < 0.85:
+                status, _, body = live.call("PUT", f"/api/tasks/{rng.choice(shared)}", {"lane": "queued"})
+            else:
+                task = ok(live.call("GET", f"/api/tasks/{rng.choice(shared)}"))
+                status, _, body = live.call("POST", f"/api/tasks/{task['id']}/start",
+                                            {"agentId": task["assignedTo"] or "a0", "epoch": task["epoch"]})
+            with lock:
+                if status in (200, 201):
+                    answers.append(body)
+                    if status == 201:
+                        created.append(body["id"])
+                elif status != 409:
+                    errors.append((status, body))
+        with lock:
+            answers.append(own)
+            created.append(own["id"])
+            if own_epochs != list(range(own_epochs[0], own_epochs[0] + len(own_epochs))):
+                errors.append(("epochs of a task reassigned one after another", own_epochs))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    final = task_map(live)
+    assert len(set(created)) == len(created) and set(created) <= set(final), "each create made its own task"
+    owners, versions = {}, {}
+    for task in answers:
+        if task["assignedTo"]:
+            owner = owners.setdefault((task["id"], task["epoch"]), task["assignedTo"])
+            assert owner == task["assignedTo"], f"epoch {task['epoch']} of {task['id']} given to two agents"
+        seen = versions.setdefault((task["id"], task["version"]), (task["epoch"], task["assignedTo"], task["lane"]))
+        assert seen == (task["epoch"], task["assignedTo"], task["lane"]), f"two writes made v{task['version']}"
+        assert final[task["id"]]["epoch"] >= task["epoch"] and final[task["id"]]["version"] >= task["version"]
+    check_indexes(live.bridge.state)
+    for agent in ok(live.call("GET", "/api/agents")):
+        unfinished = {t["id"] for t in final.values()
+                      if t["assignedTo"] == agent["id"] and t["lane"] in clawbridge.ACTIVE_LANES}
+        assert set(agent["activeTasks"]) == unfinished
+    before = api_view(live)
+    indexes = index_view(live.bridge.state)
+    live.close()
+    live = open_live()
+    check_indexes(live.bridge.state)
+    assert api_view(live) == before
+    assert index_view(live.bridge.state)["active"] == indexes["active"]
+
+
+def test_queue_order_survives_a_restart(tmp_path, clock):
+    """Which queued task an agent gets next must not depend on whether the bridge restarted meanwhile."""
+    def scenario(directory, restart_midway):
+        live = Live(directory, clock)
+        try:
+            register(live, "x", roles=["r"], maxConcurrentTasks=1)
+            first = new_task(live, title="first", roles=["r"])
+            new_task(live, title="second", roles=["r"])
+            new_task(live, title="third", roles=["r"])
+            act(live, first, "release")     # back in the queue, behind the two that waited all along
+            if restart_midway:
+                live.close()
+                live = Live(directory, clock)
+            register(live, "y", roles=["r"], maxConcurrentTasks=1)
+            return {task["title"]: task["assignedTo"] for task in task_map(live).values()}
+        finally:
+            live.close()
+
+    without = scenario(tmp_path / "plain", False)
+    with_restart = scenario(tmp_path / "restarted", True)
+    assert with_restart == without
