@@ -1631,9 +1631,13 @@ def rebaseline(state, now):
 
 def sweep(state, now, force=False):
     """The watchdog's pass: mark instances offline whose silence exceeds their threshold and move their
-    work. When one pass would expire most of the fleet at once (DISRUPTION_SHARE of the online instances,
-    at least DISRUPTION_MIN) the fault is more likely the bridge's: nothing is marked or moved until beats
-    return, unless force. Returns a report."""
+    work. When most of the fleet is going silent at once (DISRUPTION_SHARE of the online instances, at
+    least DISRUPTION_MIN) the fault is more likely the bridge's: nothing is marked or moved until beats
+    return, unless force. Returns a report.
+
+    Beats are staggered, so a cut network makes instances pass their thresholds one by one, not in one
+    pass. So when any instance expires, every online instance silent for over half its threshold counts as
+    going silent: a healthy one never is, as its threshold is at least twice its declared interval."""
     gap = now.mono - state.last_sweep if state.last_sweep is not None else 0.0
     if gap > SWEEP_GAP and not force:
         rebaseline(state, now)
@@ -1642,7 +1646,7 @@ def sweep(state, now, force=False):
         return {"offline": [], "reassigned": {}, "queued": [], "disruption": state.disruption,
                 "rebaselined": True}
     state.last_sweep = now.mono
-    online, expired = 0, []
+    online, expired, silent = 0, [], []
     for instance_id in state.instances:
         agents = instance_agents(state, instance_id)
         live = [a for a in agents if a.status == "online"]
@@ -1650,16 +1654,18 @@ def sweep(state, now, force=False):
             continue
         online += 1
         silence = now.mono - max(state.seen.get(a.id, now.mono) for a in live)
-        if silence > instance_threshold(agents, state.offline_after):
+        threshold = instance_threshold(agents, state.offline_after)
+        if silence > threshold / 2:
+            silent.append(instance_id)
+        if silence > threshold:
             expired.append((instance_id, silence, [a.id for a in live]))
-    suspect = len(expired) >= DISRUPTION_MIN and len(expired) >= DISRUPTION_SHARE * online
+    suspect = bool(expired) and len(silent) >= DISRUPTION_MIN and len(silent) >= DISRUPTION_SHARE * online
     if suspect and not force:
         if not state.disruption:
-            state.say(logging.WARNING, f"disruption: {len(expired)} of {online} instances went silent at once; "
+            state.say(logging.WARNING, f"disruption: {len(silent)} of {online} instances went silent at once; "
                                        "suspecting the bridge's own network, marking nothing offline")
         state.disruption = True
-        return {"offline": [], "reassigned": {}, "queued": [], "disruption": True,
-                "silent": [e[0] for e in expired]}
+        return {"offline": [], "reassigned": {}, "queued": [], "disruption": True, "silent": silent}
     if state.disruption:
         state.say(logging.WARNING, "disruption over: beats are back")
     state.disruption = False
@@ -1770,9 +1776,16 @@ def update_task(state, now, task_id, payload, if_match=None):
     force = get_bool(payload, "force")
     reassign = "assignedTo" in payload
     target = get_optional_id(payload, "assignedTo") if reassign else None
-    agent = assignable(state, target, force) if target and target != task.assignedTo else None
-    if lane in ACTIVE_LANES and not (target or task.assignedTo):
+    owner = target if reassign else task.assignedTo
+    if lane in ACTIVE_LANES and owner is None:
         raise bad_request(f"lane '{lane}' needs an assignee; give 'assignedTo' too", "lane")
+    if lane == "queued" and target:
+        raise bad_request("a queued task has no assignee; leave out 'assignedTo' or pick another lane", "lane")
+    agent = None
+    if target and target != task.assignedTo:
+        agent = assignable(state, target, force)
+    elif lane in ACTIVE_LANES and task.lane not in ACTIVE_LANES:
+        assignable(state, owner, force)     # reopened work goes back to its owner only if it can take it
     if changes:
         note = ",".join(sorted(changes))
         if task.lane == "queued" and changes.get("priority", task.priority) != task.priority:

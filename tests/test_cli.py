@@ -115,7 +115,8 @@ def test_guide_lines_with_a_token(start_bridge, tmp_path):
     assert refused.stdout.endswith("401") and '"unauthorized"' in refused.stdout
     assert json.loads(guide("curl http://bridge:8787/api/agents | jq .", bridge, token="your-secret-token")) == []
     assert json.loads(guide("curl http://bridge:8787/health", bridge)) == {"status": "ok", "version": "0.1.0"}
-    assert " DEBUG " in bridge.output(), "DEBUG=bridge:* from .env turns on debug logging"
+    # the request line is logged just after the reply is sent
+    assert wait_until(lambda: " DEBUG " in bridge.output(), 5), "DEBUG=bridge:* from .env turns on debug logging"
     assert "your-secret-token" not in bridge.output()
 
 
@@ -187,8 +188,8 @@ def imported_modules(path):
 
 @pytest.mark.parametrize("program", [BRIDGE, AGENT])
 def test_programs_use_only_the_standard_library(program):
-    if not Path(program).exists():
-        pytest.fail(f"{program} is missing")
+    if not hasattr(sys, "stdlib_module_names"):
+        pytest.skip("the list of standard modules needs Python 3.10+ (the programs themselves run on 3.9)")
     outside = sorted(set(imported_modules(program)) - set(sys.stdlib_module_names) - {"__future__"})
     assert outside == []
     shared_check = ROOT.parent / "shared" / "tools" / "stdlib_check.py"
@@ -295,3 +296,8 @@ def test_most_instances_silent_at_once_moves_nothing(start_bridge):
         assert wait_until(lambda: not bridge.call("GET", "/health")[2].get("disruption"), timeout=5)
     finally:
         beater.stop()
+
+
+@pytest.mark.parametrize("program", [BRIDGE, AGENT])
+def test_programs_are_python_3_9_syntax(program):
+    ast.parse(Path(program).read_text(encoding="utf-8"), feature_version=(3, 9))
