@@ -33,13 +33,17 @@ import dataclasses
 import email.utils
 import errno
 import fcntl
+import hashlib
 import hmac
+import itertools
 import http
 import ipaddress
 import json
 import logging
 import os
+import math
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -59,6 +63,17 @@ DEFAULT_LOG_LEVEL = "info"
 DOTENV_FILE = ".env"
 
 MAX_BODY_BYTES = 1024 * 1024        # larger bodies are refused with 413
+MAX_URL_BYTES = 8192                # longer request targets are refused with 414
+MAX_HEADER_BYTES = 32 * 1024        # more header bytes are refused with 431 (http.server also caps 100 lines)
+MAX_CONNECTIONS = 256               # connections served at once: one thread each
+REQUEST_DEADLINE = 10.0             # seconds an idle or still-arriving request may hold a connection
+EVICT_AFTER = 1.0                   # when full, a connection idle this long makes room for a new one
+ADMIT_WAIT = 1.0                    # how long a new connection waits for room before it gets 503 busy
+AUTH_FAILURES = 10                  # failed authentications from one address within AUTH_WINDOW ...
+AUTH_WINDOW = 60.0                  # ... lock that address out for AUTH_LOCKOUT seconds (429)
+AUTH_LOCKOUT = 60.0
+AUTH_TRACKED = 4096                 # addresses remembered by the limiter
+AUDIT_LIMIT = 10000                 # audit entries kept
 MAX_JSON_DEPTH = 64
 SOCKET_TIMEOUT = 30.0               # a client silent this long mid-request or idle on keep-alive is dropped
 REQUEST_QUEUE_SIZE = 1024           # listen backlog; the stdlib default of 5 stalls bursts of new connections
@@ -135,6 +150,10 @@ def not_found(kind, ident):
     return BridgeError(404, f"{kind}_not_found", f"No {kind} with id '{ident}'{hint}.")
 
 
+def forbidden(message):
+    return BridgeError(403, "forbidden", message)
+
+
 def conflict(code, message, **extra):
     return BridgeError(409, code, message, extra=extra)
 
@@ -162,6 +181,8 @@ class Config:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token: str = ""
+    read_token: str = ""
+    require_agent_tokens: bool = False
     data_dir: str = DEFAULT_DATA_DIR
     instance_id: str = ""
     offline_after: float = DEFAULT_OFFLINE_AFTER
@@ -174,6 +195,8 @@ class Config:
             f"BRIDGE_HOST={self.host}",
             f"BRIDGE_PORT={self.port}",
             f"BRIDGE_TOKEN={'(set, hidden)' if self.token else '(not set)'}",
+            f"BRIDGE_READ_TOKEN={'(set, hidden)' if self.read_token else '(not set)'}",
+            f"BRIDGE_REQUIRE_AGENT_TOKENS={'1' if self.require_agent_tokens else '0'}",
             f"BRIDGE_DATA_DIR={self.data_dir}",
             f"INSTANCE_ID={self.instance_id}",
             f"OFFLINE_AFTER={self.offline_after:g}",
@@ -300,11 +323,21 @@ def load_config(argv, environ, dotenv_text):
     default_dir = environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_DATA_DIR
     data_dir, _ = pick("data_dir", "BRIDGE_DATA_DIR", default=default_dir)
     token, _ = pick(None, "BRIDGE_TOKEN", default="")
+    read_token, _ = pick(None, "BRIDGE_READ_TOKEN", default="")
+    strict_text, strict_key = pick(None, "BRIDGE_REQUIRE_AGENT_TOKENS", default="0")
+    if strict_text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"{strict_key}: must be 1 or 0, got {strict_text!r}")
+    require_agent_tokens = strict_text.lower() in ("1", "true", "yes", "on")
+    if (read_token or require_agent_tokens) and not token:
+        raise ConfigError("BRIDGE_READ_TOKEN and BRIDGE_REQUIRE_AGENT_TOKENS need BRIDGE_TOKEN: set it as well")
+    if read_token and read_token == token:
+        raise ConfigError("BRIDGE_READ_TOKEN: must differ from BRIDGE_TOKEN")
     instance_id, instance_key = pick("instance_id", "INSTANCE_ID", default=socket.gethostname().split(".")[0])
     if not ID_PATTERN.fullmatch(instance_id or ""):
         raise ConfigError(f"{instance_key}: must be 1-64 characters of A-Z a-z 0-9 . _ - "
                           f"(not starting with .), got {instance_id!r}")
-    config = Config(host=host, port=int(port_text), token=token, data_dir=data_dir, instance_id=instance_id,
+    config = Config(host=host, port=int(port_text), token=token, read_token=read_token,
+                    require_agent_tokens=require_agent_tokens, data_dir=data_dir, instance_id=instance_id,
                     offline_after=offline_after, log_level=level, insecure=bool(flags.get("insecure")))
     return args.command or "serve", config, args
 
@@ -329,8 +362,8 @@ def is_loopback(host):
 SNAPSHOT_RE = re.compile(r"snapshot-(\d{12})\.json")
 SEGMENT_RE = re.compile(r"journal-(\d{12})\.jsonl")
 LOCK_FILE = "lock"
-SECTIONS = ("agents", "instances", "tasks", "notifications")
-SECTION_KEYS = {"agents": "id", "instances": "instanceId", "tasks": "id", "notifications": "id"}
+SECTIONS = ("agents", "instances", "tasks", "notifications", "audit")
+SECTION_KEYS = {"agents": "id", "instances": "instanceId", "tasks": "id", "notifications": "id", "audit": "id"}
 FORMAT_NAME = "clawbridge-state"
 FORMAT_VERSION = 1
 
@@ -404,9 +437,12 @@ def read_snapshot(path):
             doc = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StorageError(f"{path} is not valid JSON ({exc})") from None
-    if (not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("seq"), int)
-            or not all(isinstance(doc.get(s), list) for s in SECTIONS)):
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("seq"), int):
         raise StorageError(f"{path} is not a clawbridge snapshot")
+    for section in SECTIONS:
+        doc.setdefault(section, [])     # a section added since the snapshot was written starts empty
+        if not isinstance(doc[section], list):
+            raise StorageError(f"{path} is not a clawbridge snapshot ({section} is not a list)")
     if doc.get("version", 0) > FORMAT_VERSION:
         raise StorageError(f"{path} was written by a newer clawbridge (format {doc.get('version')})")
     return doc
@@ -807,6 +843,7 @@ class Agent(NamedTuple):
     lastHeartbeat: Optional[int] = None         # soft: carried by snapshots, not fsynced per beat
     createdAt: int = 0
     updatedAt: int = 0
+    tokenHash: Optional[str] = None             # sha256 of its agentToken; never shown
 
 
 class Instance(NamedTuple):
@@ -848,7 +885,20 @@ class Notification(NamedTuple):
     readAt: Optional[int] = None
 
 
-ENTITY_TYPES = {"agents": Agent, "instances": Instance, "tasks": Task, "notifications": Notification}
+class AuditEntry(NamedTuple):
+    id: str
+    at: int
+    actor: str          # admin, read, agent:<id>, or open (no token configured); never a token
+    address: str
+    action: str         # task.update, task.delete, agent.delete, instance.drain, ...
+    target: str
+    detail: str = ""
+
+
+ENTITY_TYPES = {"agents": Agent, "instances": Instance, "tasks": Task, "notifications": Notification,
+                "audit": AuditEntry}
+ENTITY_NAMES = {"agents": "agent", "instances": "instance", "tasks": "task", "notifications": "notification",
+                "audit": "audit"}   # State.put_<name> and drop_<name>
 TUPLE_FIELDS = {"roles", "tags"}
 
 
@@ -983,6 +1033,7 @@ class State:
         self.instances = {}
         self.tasks = {}
         self.notifications = {}
+        self.audit = {}         # audit entry id -> AuditEntry, oldest first, at most AUDIT_LIMIT
         self.meta = {"lastId": 0}
         self.active = {}        # agent id -> {task id: None}: its unfinished tasks
         self.queued = {p: {} for p in PRIORITIES}   # priority -> {task id: None} in queueing order
@@ -1007,7 +1058,7 @@ class State:
         state = cls()
         state.meta.update(doc.get("meta", {}))
         for section, entity_type in ENTITY_TYPES.items():
-            put = getattr(state, "put_" + section[:-1])
+            put = getattr(state, "put_" + ENTITY_NAMES[section])
             for item in doc.get(section, ()):
                 if not isinstance(item, dict):
                     raise ValueError(f"an entry of {section} is not an object")
@@ -1042,8 +1093,8 @@ class State:
 
     def rollback(self, undo):
         """Take back a batch of changes, newest first, as if they had never happened (soft state aside)."""
-        put = {s: getattr(self, "put_" + s[:-1]) for s in SECTIONS}
-        drop = {s: getattr(self, "drop_" + s[:-1]) for s in SECTIONS}
+        put = {s: getattr(self, "put_" + ENTITY_NAMES[s]) for s in SECTIONS}
+        drop = {s: getattr(self, "drop_" + ENTITY_NAMES[s]) for s in SECTIONS}
         for section, key, old in reversed(undo):
             if section == "meta":
                 self.meta = old
@@ -1147,6 +1198,16 @@ class State:
         else:
             unread[note.id] = None
 
+    def put_audit(self, entry, record=True):
+        if record:
+            self.record("audit", entry.id, self.audit.get(entry.id), ("put", "audit", entry._asdict()))
+        self.audit[entry.id] = entry
+
+    def drop_audit(self, entry_id, record=True):
+        entry = self.audit.pop(entry_id)
+        if record:
+            self.record("audit", entry_id, entry, ("del", "audit", entry_id))
+
     def drop_notification(self, note_id, record=True):
         note = self.notifications.pop(note_id)
         if record:
@@ -1164,6 +1225,7 @@ def agent_load(state, agent):
 
 def render_agent(state, agent):
     view = agent._asdict()
+    del view["tokenHash"]
     view["activeTasks"] = list(state.active.get(agent.id, ()))
     view["workload"] = round(agent_load(state, agent), 3)
     return view
@@ -1279,12 +1341,17 @@ def forget_instance_if_empty(state, instance_id):
         state.drop_instance(instance_id)
 
 
-def register_agent(state, now, payload):
+def register_agent(state, now, payload, actor=None, new_token=None):
     """Idempotent upsert. A new agent is online at once (registration is its first beat); re-registering
-    keeps its tasks and changes only the fields given. Returns (agent view, created)."""
+    keeps its tasks and changes only the fields given. An agent without a token, or asking for
+    "rotateToken", gets new_token as its agentToken, shown this once and kept only as a hash.
+    actor is the agent calling with its own token (None for the admin). Returns (agent view, created)."""
     agent_id = check_id(payload.get("id") if "id" in payload else payload.get("agentId"), "id")
     if agent_id in RESERVED_IDS["agents"]:
         raise bad_request(f"'{agent_id}' is reserved; choose another agent id", "id", code="invalid_id")
+    if actor is not None and actor != agent_id:
+        raise forbidden(f"An agent token may only register its own agent ({actor}).")
+    rotate = get_bool(payload, "rotateToken")
     fields = {
         "name": get_str(payload, "name"),
         "emoji": get_str(payload, "emoji", limit=16),
@@ -1306,6 +1373,10 @@ def register_agent(state, now, payload):
     given = {k: v for k, v in fields.items() if v is not None}
     old = state.agents.get(agent_id)
     base = old or Agent(id=agent_id, name=agent_id, createdAt=now.ms)
+    token = None
+    if new_token and (base.tokenHash is None or rotate):
+        token = f"{agent_id}~{new_token}"
+        given["tokenHash"] = token_hash(token)
     agent = base._replace(status="online", lastHeartbeat=now.ms, updatedAt=now.ms, **given)
     was = instance_state(state, agent.instanceId)
     state.put_agent(agent)
@@ -1314,7 +1385,35 @@ def register_agent(state, now, payload):
         forget_instance_if_empty(state, old.instanceId)
     note_beat(state, now, agent, was)
     assign_queued(state, now)
-    return render_agent(state, state.agents[agent_id]), old is None
+    view = render_agent(state, state.agents[agent_id])
+    if token:
+        view["agentToken"] = token
+    return view, old is None
+
+
+def token_hash(token):
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def agent_of_token(state, token):
+    """The agent whose agentToken this is, or None. Agent tokens are '<agent id>~<secret>'."""
+    agent = state.agents.get(token.split("~", 1)[0]) if "~" in token else None
+    if agent is None or agent.tokenHash is None:
+        return None
+    return agent.id if hmac.compare_digest(agent.tokenHash, token_hash(token)) else None
+
+
+def add_audit(state, now, who, address, action, target, detail=""):
+    """Record an admin action; the oldest entries go once there are more than AUDIT_LIMIT."""
+    state.put_audit(AuditEntry(id=state.next_id("audit", now), at=now.ms, actor=who, address=address,
+                               action=action, target=target, detail=detail[:500]))
+    while len(state.audit) > AUDIT_LIMIT:
+        state.drop_audit(next(iter(state.audit)))
+
+
+def list_audit(state, now, query):
+    limit = query_int(query, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+    return [entry._asdict() for entry in itertools.islice(reversed(state.audit.values()), limit)]
 
 
 def get_agent(state, agent_id):
@@ -1415,11 +1514,13 @@ def record_heartbeat(state, now, agent_id, payload):
     return heartbeat_reply(state, now, agent.id, held)
 
 
-def record_instance_heartbeat(state, now, instance_id, payload):
+def record_instance_heartbeat(state, now, instance_id, payload, actor=None):
     """POST /api/instances/{id}/heartbeat: one beat for every agent on the instance (clawagent.py run)."""
     members = list(state.members.get(check_id(instance_id), ()))
     if not members:
         raise not_found("instance", instance_id)
+    if actor is not None and actor not in members:
+        raise forbidden(f"An agent token may only beat its own instance; {actor} is not on {instance_id}.")
     payload = {k: v for k, v in payload.items() if k in ("status", "hostname", "tailscaleIP", "heartbeatInterval")}
     room = [apply_beat(state, now, state.agents[agent_id], payload) for agent_id in members]
     assigned = assign_queued(state, now) if any(room) else []
@@ -1841,11 +1942,13 @@ VERBS = {
 }
 
 
-def agent_verb(state, now, task_id, verb, payload):
+def agent_verb(state, now, task_id, verb, payload, actor=None):
     """claim, start, complete, block, release: fenced by agentId and epoch. A caller that is not the current
     owner, or holds an old epoch, gets 409 with the current owner and epoch, and the task is untouched."""
     task = get_task(state, task_id)
     agent_id = check_id(payload.get("agentId"), "agentId")
+    if actor is not None and actor != agent_id:
+        raise forbidden(f"An agent token may only act as its own agent ({actor}).")
     epoch = get_int(payload, "epoch", 0, 2 ** 53)
     if epoch is None:
         raise bad_request("'epoch' is required: send the epoch you were given with the task", "epoch",
@@ -1931,10 +2034,12 @@ def create_notification(state, now, payload):
     return note._asdict()
 
 
-def mark_read(state, now, note_id):
+def mark_read(state, now, note_id, actor=None):
     note = state.notifications.get(check_id(note_id))
     if note is None:
         raise not_found("notification", note_id)
+    if actor is not None and note.agentId != actor:
+        raise forbidden("An agent token may only mark its own notifications read.")
     if not note.read:
         note = note._replace(read=True, readAt=now.ms)
         state.put_notification(note)
@@ -2111,6 +2216,19 @@ def rebase_restored(state, now):
 # ===== HTTP =====
 
 
+class Principal(NamedTuple):
+    """Who is calling: admin (BRIDGE_TOKEN), read (BRIDGE_READ_TOKEN), agent (its own agentToken), or open
+    (no BRIDGE_TOKEN is configured, so everyone is admin)."""
+    kind: str
+    agent_id: Optional[str] = None
+
+    def __str__(self):
+        return f"agent:{self.agent_id}" if self.kind == "agent" else self.kind
+
+
+OPEN, ADMIN, READER = Principal("open"), Principal("admin"), Principal("read")
+
+
 class Request(NamedTuple):
     method: str
     path: str
@@ -2118,15 +2236,30 @@ class Request(NamedTuple):
     query: dict
     headers: object
     body: Optional[dict]
-    authorised: bool
+    who: Optional[Principal]    # None: no valid token (only on open routes)
+    actor: Optional[str]        # the agent id the domain must hold an agent caller to; None for the admin
+    address: str
+
+
+def audited(state, now, who, address, action, target, detail, fn, *args):
+    """Run an admin action and record it in the audit trail, in one transaction."""
+    result = fn(state, now, *args)
+    add_audit(state, now, who, address, action, target, detail)
+    return result
+
+
+def run_audited(bridge, req, action, fn, *args):
+    detail = json.dumps(req.body, ensure_ascii=False)[:500] if req.body else ""
+    return bridge.run(audited, str(req.who), req.address, action, req.params.get("id", ""), detail, fn, *args)
 
 
 def h_health(bridge, req):
-    return bridge.health(detailed=req.authorised)
+    return bridge.health(detailed=req.who is not None and req.who.kind in ("open", "admin", "read"))
 
 
 def h_agents_register(bridge, req):
-    agent, created = bridge.run(register_agent, require_body(req))
+    new_token = secrets.token_urlsafe(24) if bridge.config.token else None   # tokens mean nothing when auth is off
+    agent, created = bridge.run(register_agent, require_body(req), req.actor, new_token)
     return (201 if created else 200), agent
 
 
@@ -2139,7 +2272,7 @@ def h_agent_get(bridge, req):
 
 
 def h_agent_delete(bridge, req):
-    return 200, bridge.run(deregister_agent, req.params["id"])
+    return 200, run_audited(bridge, req, "agent.delete", deregister_agent, req.params["id"])
 
 
 def h_agent_heartbeat(bridge, req):
@@ -2183,15 +2316,15 @@ def h_instance_capacities(bridge, req):
 
 
 def h_instance_heartbeat(bridge, req):
-    return 200, bridge.run(record_instance_heartbeat, req.params["id"], req.body or {})
+    return 200, bridge.run(record_instance_heartbeat, req.params["id"], req.body or {}, req.actor)
 
 
 def h_instance_drain(bridge, req):
-    return 200, bridge.run(set_drained, req.params["id"], True)
+    return 200, run_audited(bridge, req, "instance.drain", set_drained, req.params["id"], True)
 
 
 def h_instance_undrain(bridge, req):
-    return 200, bridge.run(set_drained, req.params["id"], False)
+    return 200, run_audited(bridge, req, "instance.undrain", set_drained, req.params["id"], False)
 
 
 def h_tasks_list(bridge, req):
@@ -2212,17 +2345,18 @@ def h_task_get(bridge, req):
 
 
 def h_task_update(bridge, req):
-    task = bridge.run(update_task, req.params["id"], require_body(req), req.headers.get("If-Match"))
+    task = run_audited(bridge, req, "task.update", update_task, req.params["id"], require_body(req),
+                       req.headers.get("If-Match"))
     return 200, task, {"ETag": f'"{task["id"]}-v{task["version"]}"'}
 
 
 def h_task_delete(bridge, req):
-    return 200, bridge.run(delete_task, req.params["id"])
+    return 200, run_audited(bridge, req, "task.delete", delete_task, req.params["id"])
 
 
 def task_verb(verb):
     def handler(bridge, req):
-        return 200, bridge.run(agent_verb, req.params["id"], verb, require_body(req))
+        return 200, bridge.run(agent_verb, req.params["id"], verb, require_body(req), req.actor)
     handler.__name__ = f"h_task_{verb}"
     return handler
 
@@ -2236,41 +2370,54 @@ def h_notifications_create(bridge, req):
 
 
 def h_notification_read(bridge, req):
-    return 200, bridge.run(mark_read, req.params["id"])
+    return 200, bridge.run(mark_read, req.params["id"], req.actor)
 
 
 def h_sync(bridge, req):
     force = get_bool(req.body or {}, "force") or query_bool(req.query, "force")
-    report = bridge.run(sync, force)
+    report = run_audited(bridge, req, "sync.force", sync, True) if force else bridge.run(sync, False)
     report["snapshotSeq"] = bridge.snapshot()
     return 200, {"success": True, **report}
 
 
+def h_audit(bridge, req):
+    return 200, bridge.run(list_audit, req.query)
+
+
+# Who may call what (checked by authorize()):
+#   open      anyone, no token needed
+#   read      the admin and the read token
+#   tasks     the admin, the read token, and any agent
+#   self      the admin; the read token (GET); an agent for its own {id}
+#   agent     the admin; an agent for itself (the domain checks whose task, notification or instance it is)
+#   register  the admin; an agent re-registering itself
+#   admin     the admin only
 ROUTES = [
-    ("GET", "/health", h_health),
-    ("POST", "/api/agents/register", h_agents_register),
-    ("GET", "/api/agents", h_agents_list),
-    ("GET", "/api/agents/{id}", h_agent_get),
-    ("DELETE", "/api/agents/{id}", h_agent_delete),
-    ("POST", "/api/agents/{id}/heartbeat", h_agent_heartbeat),
-    ("GET", "/api/agents/{id}/tasks", h_agent_tasks),
-    ("GET", "/api/agents/{id}/notifications", h_agent_notifications),
-    ("GET", "/api/instances", h_instances_list),
-    ("GET", "/api/instances/capacities", h_instance_capacities),
-    ("GET", "/api/instances/{id}", h_instance_get),
-    ("POST", "/api/instances/{id}/heartbeat", h_instance_heartbeat),
-    ("POST", "/api/instances/{id}/drain", h_instance_drain),
-    ("POST", "/api/instances/{id}/undrain", h_instance_undrain),
-    ("GET", "/api/tasks", h_tasks_list),
-    ("POST", "/api/tasks", h_tasks_create),
-    ("GET", "/api/tasks/{id}", h_task_get),
-    ("PUT", "/api/tasks/{id}", h_task_update),
-    ("DELETE", "/api/tasks/{id}", h_task_delete),
-    *[("POST", f"/api/tasks/{{id}}/{verb}", task_verb(verb)) for verb in VERBS],
-    ("GET", "/api/notifications", h_notifications_list),
-    ("POST", "/api/notifications", h_notifications_create),
-    ("PUT", "/api/notifications/{id}/read", h_notification_read),
-    ("POST", "/api/sync", h_sync),
+    ("GET", "/health", h_health, "open"),
+    ("POST", "/api/agents/register", h_agents_register, "register"),
+    ("GET", "/api/agents", h_agents_list, "read"),
+    ("GET", "/api/agents/{id}", h_agent_get, "self"),
+    ("DELETE", "/api/agents/{id}", h_agent_delete, "admin"),
+    ("POST", "/api/agents/{id}/heartbeat", h_agent_heartbeat, "self"),
+    ("GET", "/api/agents/{id}/tasks", h_agent_tasks, "self"),
+    ("GET", "/api/agents/{id}/notifications", h_agent_notifications, "self"),
+    ("GET", "/api/instances", h_instances_list, "read"),
+    ("GET", "/api/instances/capacities", h_instance_capacities, "read"),
+    ("GET", "/api/instances/{id}", h_instance_get, "read"),
+    ("POST", "/api/instances/{id}/heartbeat", h_instance_heartbeat, "agent"),
+    ("POST", "/api/instances/{id}/drain", h_instance_drain, "admin"),
+    ("POST", "/api/instances/{id}/undrain", h_instance_undrain, "admin"),
+    ("GET", "/api/tasks", h_tasks_list, "tasks"),
+    ("POST", "/api/tasks", h_tasks_create, "admin"),
+    ("GET", "/api/tasks/{id}", h_task_get, "tasks"),
+    ("PUT", "/api/tasks/{id}", h_task_update, "admin"),
+    ("DELETE", "/api/tasks/{id}", h_task_delete, "admin"),
+    *[("POST", f"/api/tasks/{{id}}/{verb}", task_verb(verb), "agent") for verb in VERBS],
+    ("GET", "/api/notifications", h_notifications_list, "read"),
+    ("POST", "/api/notifications", h_notifications_create, "admin"),
+    ("PUT", "/api/notifications/{id}/read", h_notification_read, "agent"),
+    ("POST", "/api/sync", h_sync, "admin"),
+    ("GET", "/api/audit", h_audit, "admin"),
 ]
 
 
@@ -2278,15 +2425,16 @@ def split_path(path):
     return [urllib.parse.unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
 
 
-ROUTE_TABLE = [(method, split_path(pattern), handler) for method, pattern, handler in ROUTES]
+ROUTE_TABLE = [(method, split_path(pattern), handler, rule) for method, pattern, handler, rule in ROUTES]
 
 
 def resolve(method, path):
-    """Find the handler for a request: (handler, params). The most literal pattern that matches the path
-    wins (/api/agents/register before /api/agents/{id}); a matching path with another method is 405."""
+    """Find the route for a request: (handler, params, access rule). The most literal pattern that matches
+    the path wins (/api/agents/register before /api/agents/{id}); a matching path with another method is
+    405."""
     parts = split_path(path)
     best, best_rank = [], None
-    for row_method, pattern, handler in ROUTE_TABLE:
+    for row_method, pattern, handler, rule in ROUTE_TABLE:
         if len(pattern) != len(parts):
             continue
         params = {}
@@ -2300,13 +2448,14 @@ def resolve(method, path):
             if best_rank is None or rank > best_rank:
                 best, best_rank = [], rank
             if rank == best_rank:
-                best.append((row_method, handler, params))
+                best.append((row_method, handler, params, rule))
     if not best:
-        raise BridgeError(404, "not_found", f"No endpoint at {path[:200]}; see README.md for the API.")
-    for row_method, handler, params in best:
+        raise BridgeError(404, "not_found", "No endpoint at this path; see README.md for the API.")
+    for row_method, handler, params, rule in best:
         if row_method == method or (method == "HEAD" and row_method == "GET"):
-            return handler, params
-    allowed = sorted({m for m, _, _ in best} | ({"HEAD"} if any(m == "GET" for m, _, _ in best) else set()))
+            return handler, params, rule
+    methods = {row[0] for row in best}
+    allowed = sorted(methods | ({"HEAD"} if "GET" in methods else set()))
     raise BridgeError(405, "method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}.",
                       headers={"Allow": ", ".join(allowed)})
 
@@ -2354,16 +2503,106 @@ def json_depth(value):
     return depth
 
 
-def check_token(config, headers):
-    """Whether the request carries the bridge token (always true when none is configured)."""
+def authenticate(config, state, authorization):
+    """The Principal a bearer token stands for, or None for a missing or unknown one. Secrets are compared
+    in constant time. Reads one agent record without the state lock: a dict lookup of an immutable entity."""
     if not config.token:
-        return True
-    scheme, _, given = (headers.get("Authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), config.token.encode())
+        return OPEN
+    scheme, _, given = (authorization or "").partition(" ")
+    given = given.strip().encode("utf-8", "replace")
+    if scheme.lower() != "bearer" or not given:
+        return None
+    if hmac.compare_digest(given, config.token.encode()):
+        return ADMIN
+    if config.read_token and hmac.compare_digest(given, config.read_token.encode()):
+        return READER
+    agent_id = agent_of_token(state, given.decode("utf-8", "replace"))
+    return Principal("agent", agent_id) if agent_id else None
 
 
-ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "request_timeout",
-               411: "length_required", 413: "body_too_large", 414: "uri_too_long",
+AGENT_ACTIONS = ("self", "agent")   # rules whose POSTs are an agent's own business
+
+
+def authorize(rule, who, method, params, config):
+    """Whether who may call a route with this access rule (see ROUTES); raises 403. Returns the agent id
+    the domain must hold the caller to, or None when the caller may act for anyone."""
+    if rule == "open" or who.kind == "open":
+        return None
+    if who.kind == "read":
+        if method in ("GET", "HEAD") and rule in ("read", "tasks", "self"):
+            return None
+        raise forbidden("The read token may only read (GET); use BRIDGE_TOKEN for changes.")
+    if who.kind == "admin":
+        if config.require_agent_tokens and rule in AGENT_ACTIONS and method != "GET":
+            raise forbidden("Agent actions need the agent's own token (BRIDGE_REQUIRE_AGENT_TOKENS is on); "
+                            "register the agent to get one.")
+        return None
+    if rule in ("tasks", "agent", "register") or (rule == "self" and params.get("id") == who.agent_id):
+        return who.agent_id
+    raise forbidden(f"An agent token may only beat, read and act for its own agent ({who.agent_id}).")
+
+
+class AuthThrottle:
+    """Slows down guessing: AUTH_FAILURES failed authentications from one address within AUTH_WINDOW lock
+    that address out of authenticated routes for AUTH_LOCKOUT seconds (429). Other addresses are not
+    affected; at most AUTH_TRACKED addresses are remembered."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failures = collections.OrderedDict()   # address -> recent failure times
+        self.locked = {}                            # address -> lockout end
+
+    def retry_after(self, address, now):
+        """Seconds the address must still wait, 0 when it may try."""
+        with self.lock:
+            until = self.locked.get(address, 0)
+            if until <= now:
+                self.locked.pop(address, None)
+                return 0
+            return until - now
+
+    def failed(self, address, now):
+        with self.lock:
+            times = [t for t in self.failures.pop(address, ()) if now - t < AUTH_WINDOW] + [now]
+            self.failures[address] = times
+            if len(times) >= AUTH_FAILURES:
+                self.locked[address] = now + AUTH_LOCKOUT
+                del self.failures[address]
+            while len(self.failures) > AUTH_TRACKED:
+                self.failures.popitem(last=False)
+            if len(self.locked) > AUTH_TRACKED:
+                self.locked = {a: t for a, t in self.locked.items() if t > now}
+
+
+def redact(text, config):
+    """Text for the log with every secret taken out: the configured tokens and anything shaped like an
+    agent token (id~secret)."""
+    for secret in (config.token, config.read_token):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return AGENT_TOKEN_SHAPE.sub("~[redacted]", text)
+
+
+AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
+
+
+def response_bytes(status, body, headers, close=False, head_only=False):
+    """A whole HTTP/1.1 response with a JSON body, to be written in one send."""
+    payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+             f"Server: clawbridge/{__version__}",
+             f"Date: {email.utils.formatdate(usegmt=True)}",
+             "Content-Type: application/json; charset=utf-8",
+             f"Content-Length: {len(payload)}"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + payload
+
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               408: "request_timeout", 411: "length_required", 413: "body_too_large", 414: "uri_too_long",
                431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
                503: "unavailable", 505: "http_version_not_supported"}
 
@@ -2381,12 +2620,19 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self):
+        self.server.mark(self.connection, busy=False)   # waiting for, or still reading, the next request
+        super().handle_one_request()
+
     def do_GET(self):
         self._dispatch()
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def _dispatch(self):
+        if self.server.closing(self.connection):
+            self.close_connection = True    # evicted or timed out while its request was arriving
+            return
         started = time.perf_counter()
         bridge = self.server.bridge
         self.server.enter()
@@ -2397,10 +2643,10 @@ class Handler(BaseHTTPRequestHandler):
                 status, body, headers = self._handle(bridge)
             except BridgeError as exc:
                 status, body, headers = exc.status, exc.body(), exc.headers
-                if getattr(self, "_unread_body", False):
+                if self._unread_body:
                     self.close_connection = True
             except Exception:
-                log.exception("internal error on %s %s", self.command, self.path.split("?")[0][:200])
+                log.exception("internal error on %s %s", self.command, self._loggable_path())
                 status, body, headers = 500, BridgeError(500, "internal_error", "Internal error; the bridge "
                                                          "log has the details.").body(), {}
                 self.close_connection = True
@@ -2408,35 +2654,58 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.leave()
             level = logging.DEBUG if self.path == "/health" else logging.INFO
-            log.log(level, "%s %s %d %d %.1fms", self.command, self.path.split("?")[0][:200], status, size,
+            log.log(level, "%s %s %d %d %.1fms", self.command, self._loggable_path(), status, size,
                     (time.perf_counter() - started) * 1000)
 
+    def _loggable_path(self):
+        return redact(self.path.split("?")[0][:200], self.server.bridge.config)
+
     def _handle(self, bridge):
+        if len(self.path) > MAX_URL_BYTES:
+            raise BridgeError(414, "uri_too_long", f"The request target is longer than {MAX_URL_BYTES} bytes.")
+        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            raise BridgeError(431, "headers_too_large", f"The headers are larger than {MAX_HEADER_BYTES} bytes.")
         raw_path, _, query_text = self.path.partition("?")
         if not raw_path.startswith("/"):
             raise bad_request("The request target must be a path starting with /.", code="bad_request")
-        handler, params = resolve(self.command, raw_path)
-        authorised = check_token(bridge.config, self.headers)
-        if raw_path.startswith("/api/") and not authorised:
-            raise BridgeError(401, "unauthorized", "Missing or wrong token: send 'Authorization: Bearer "
-                              "<BRIDGE_TOKEN>'.", headers={"WWW-Authenticate": 'Bearer realm="clawbridge"'})
+        handler, params, rule = resolve(self.command, raw_path)
+        who, actor = self._authorize(bridge, rule, params)
         for value in params.values():
             check_id(value, "id")
         body = self.read_json()
+        self.server.mark(self.connection, busy=True)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
-        result = handler(bridge, Request(self.command, raw_path, params, query, self.headers, body, authorised))
+        result = handler(bridge, Request(self.command, raw_path, params, query, self.headers, body, who, actor,
+                                         self.client_address[0]))
         return result if len(result) == 3 else (*result, {})
+
+    def _authorize(self, bridge, rule, params):
+        """(principal, actor) for this request; 401, 403 or 429 when it may not proceed."""
+        who = authenticate(bridge.config, bridge.state, self.headers.get("Authorization"))
+        if rule == "open":
+            return who, None
+        address, now = self.client_address[0], bridge.clock.now().mono
+        wait = self.server.throttle.retry_after(address, now)
+        if wait:
+            raise BridgeError(429, "too_many_requests", "Too many failed authentications from this address; "
+                              "wait and retry with the right token.", headers={"Retry-After": str(math.ceil(wait))})
+        if who is None:
+            self.server.throttle.failed(address, now)
+            raise BridgeError(401, "unauthorized", "Missing or wrong token: send 'Authorization: Bearer <token>' "
+                              "with BRIDGE_TOKEN, BRIDGE_READ_TOKEN or the agent's own token.",
+                              headers={"WWW-Authenticate": 'Bearer realm="clawbridge"'})
+        return who, authorize(rule, who, self.command, params, bridge.config)
 
     def read_json(self):
         """The request body as a dict, None when there is none; 411, 413 and 400 for the bad cases."""
-        length_text = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
         if self.headers.get("Transfer-Encoding"):
             raise BridgeError(411, "length_required", "Chunked bodies are not accepted; send Content-Length.")
-        if length_text is None:
+        if not lengths:
             return None
-        if not length_text.strip().isdigit():
-            raise bad_request("Content-Length must be a whole number.", code="bad_request")
-        length = int(length_text)
+        if len(lengths) > 1 or not lengths[0].strip().isdigit():
+            raise bad_request("Content-Length must be one whole number.", code="bad_request")
+        length = int(lengths[0])
         if length > MAX_BODY_BYTES:
             raise BridgeError(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
         raw = self.rfile.read(length)
@@ -2458,18 +2727,9 @@ class Handler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def send_json(self, status, body, headers):
-        payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-                 f"Server: {self.server_version}",
-                 f"Date: {email.utils.formatdate(usegmt=True)}",
-                 "Content-Type: application/json; charset=utf-8",
-                 f"Content-Length: {len(payload)}"]
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + payload)
-        return len(payload)
+        data = response_bytes(status, body, headers, self.close_connection, self.command == "HEAD")
+        self.wfile.write(data)
+        return len(data)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, headers too large, unknown method) as JSON too."""
@@ -2480,16 +2740,19 @@ class Handler(BaseHTTPRequestHandler):
         error = BridgeError(code, ERROR_CODES.get(code, "bad_request"),
                             text or "The request is not valid HTTP.")
         self.send_json(code, error.body(), {})
-        log.info("%s %s %d (rejected by the HTTP parser)", method,
-                 (getattr(self, "path", "") or "-").split("?")[0][:200], code)
+        log.info("%s %s %d (rejected by the HTTP parser)", redact(method, self.server.bridge.config),
+                 self._loggable_path() if getattr(self, "path", None) else "-", code)
 
     def log_message(self, format, *args):
-        log.debug("http: " + format, *args)
+        log.debug("http: %s", redact(format % args, self.server.bridge.config))
 
 
 class BridgeServer(ThreadingHTTPServer):
-    """The threading HTTP server, tuned: daemon threads, a deep listen backlog, and a count of requests in
-    flight so that SIGTERM can let them finish."""
+    """The threading HTTP server, hardened: one daemon thread per connection but at most MAX_CONNECTIONS of
+    them. When full, a new connection takes the place of the oldest one that is only waiting (idle
+    keep-alive, or a request still trickling in); when every connection is busy for ADMIT_WAIT it gets 503.
+    A request that has not fully arrived within REQUEST_DEADLINE is dropped. Requests in flight are
+    counted so that SIGTERM can let them finish."""
 
     daemon_threads = True
     block_on_close = False
@@ -2501,8 +2764,78 @@ class BridgeServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.bridge = bridge
+        self.throttle = AuthThrottle()
+        self.max_connections = MAX_CONNECTIONS
+        self.request_deadline = REQUEST_DEADLINE
+        self.connections = {}       # socket -> [busy, since (monotonic), closing]
+        self.slots = threading.Condition()
         self.inflight = 0
         self.idle = threading.Condition()
+
+    def process_request(self, request, client_address):
+        if self.admit(request):
+            super().process_request(request, client_address)
+            return
+        log.warning("all %d connections are busy; answering 503 to %s", self.max_connections, client_address[0])
+        try:
+            request.settimeout(1.0)
+            request.sendall(response_bytes(503, BridgeError(503, "busy", "The bridge is at its connection "
+                                                            "limit; retry in a second.").body(),
+                                           {"Retry-After": "1"}, close=True))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def admit(self, sock):
+        """Take a connection slot for sock, making room by evicting a waiting connection if need be."""
+        deadline = time.monotonic() + ADMIT_WAIT
+        with self.slots:
+            while True:
+                now = time.monotonic()
+                if sum(1 for entry in self.connections.values() if not entry[2]) < self.max_connections:
+                    self.connections[sock] = [False, now, False]
+                    return True
+                waiting = [(entry[1], id(s), s) for s, entry in self.connections.items()
+                           if not entry[0] and not entry[2] and now - entry[1] >= EVICT_AFTER]
+                if waiting:
+                    self.drop(min(waiting)[2])
+                    continue
+                if now >= deadline:
+                    return False
+                self.slots.wait(min(deadline - now, 0.05))
+
+    def drop(self, sock):
+        """Close a waiting connection from outside its thread (called with self.slots held)."""
+        self.connections[sock][2] = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def mark(self, sock, busy):
+        with self.slots:
+            entry = self.connections.get(sock)
+            if entry is not None:
+                entry[0], entry[1] = busy, time.monotonic()
+
+    def closing(self, sock):
+        with self.slots:
+            entry = self.connections.get(sock)
+            return entry is None or entry[2]
+
+    def service_actions(self):
+        """Called by serve_forever between polls: drop connections whose request is overdue."""
+        now = time.monotonic()
+        with self.slots:
+            for sock, (busy, since, closing) in list(self.connections.items()):
+                if not busy and not closing and now - since > self.request_deadline:
+                    self.drop(sock)
+
+    def shutdown_request(self, request):
+        with self.slots:
+            self.connections.pop(request, None)
+            self.slots.notify_all()
+        super().shutdown_request(request)
 
     def enter(self):
         with self.idle:
