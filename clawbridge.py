@@ -1502,7 +1502,8 @@ def record_heartbeat(state, now, agent_id, payload):
     notifications, and the tasks it holds but no longer owns (stop)."""
     agent = get_agent(state, agent_id)
     held = held_tasks(payload)
-    seen_notes = payload.get("readNotifications") or []
+    seen_notes = payload.get("readNotifications")
+    seen_notes = [] if seen_notes is None else seen_notes
     if not isinstance(seen_notes, list) or len(seen_notes) > MAX_PAGE:
         raise bad_request("'readNotifications' must be an array of notification ids", "readNotifications")
     for note_id in seen_notes:
@@ -2384,6 +2385,10 @@ def h_audit(bridge, req):
     return 200, bridge.run(list_audit, req.query)
 
 
+def h_openapi(bridge, req):
+    return 200, OPENAPI
+
+
 # Who may call what (checked by authorize()):
 #   open      anyone, no token needed
 #   read      the admin and the read token
@@ -2418,7 +2423,226 @@ ROUTES = [
     ("PUT", "/api/notifications/{id}/read", h_notification_read, "agent"),
     ("POST", "/api/sync", h_sync, "admin"),
     ("GET", "/api/audit", h_audit, "admin"),
+    ("GET", "/openapi.json", h_openapi, "open"),
 ]
+
+
+# --- the API description (GET /openapi.json), made from ROUTES and the schemas below ---
+
+
+def nullable(schema):
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(required=(), **properties):
+    schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array(items, limit=None):
+    schema = {"type": "array", "items": items}
+    if limit:
+        schema["maxItems"] = limit
+    return schema
+
+
+def text(limit=MAX_NAME, nonblank=False):
+    schema = {"type": "string", "maxLength": limit}
+    if nonblank:
+        schema["pattern"] = r"\S"
+    return schema
+
+
+ID_SCHEMA = {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"}
+INT, NUM, BOOL, STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
+MS = {"type": "integer", "description": "Unix epoch milliseconds"}
+WORDS = {"anyOf": [array({"type": "string", "maxLength": 64}, MAX_ROLES), {"type": "string"}, {"type": "null"}]}
+IP = {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"},
+                {"type": "string", "maxLength": 0}, {"type": "null"}]}
+LANE_NAMES = {"type": "string", "enum": list(LANES) + list(LANE_ALIASES)}
+INTERVAL = nullable({"type": "integer", "minimum": MIN_INTERVAL_MS, "maximum": MAX_INTERVAL_MS})
+EPOCH = {"type": "integer", "minimum": 0, "maximum": 2 ** 53}
+BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no", ""]}
+
+SCHEMAS = {
+    "Error": obj(["error"], error=obj(["code", "message"], code=STR, message=STR, field=STR),
+                 currentAssignee=nullable(STR), currentEpoch=INT),
+    "Health": obj(["status", "version"], status={"type": "string", "enum": ["ok", "degraded"]}, version=STR),
+    "Agent": obj(
+        ["id", "status", "activeTasks"], id=ID_SCHEMA, name=STR, emoji=STR, roles=array(STR), model=STR,
+        workspace=STR, instanceId=ID_SCHEMA, hostname=STR, tailscaleIP=nullable(STR),
+        heartbeatInterval=nullable(INT), maxConcurrentTasks=INT, metadata=nullable({"type": "object"}),
+        status={"type": "string", "enum": ["online", "offline"]}, reportedStatus=nullable(STR),
+        currentTask=nullable(STR), lastHeartbeat=nullable(MS), createdAt=MS, updatedAt=MS,
+        activeTasks=array(ID_SCHEMA), workload=NUM, agentToken=STR),
+    "Task": obj(
+        ["id", "title", "lane", "epoch"], id=ID_SCHEMA, title=STR, description=STR, roles=array(STR),
+        priority={"type": "string", "enum": list(PRIORITIES)}, lane={"type": "string", "enum": list(LANES)},
+        assignedTo=nullable(ID_SCHEMA), instanceId=nullable(ID_SCHEMA), preferredInstance=nullable(ID_SCHEMA),
+        tags=array(STR), epoch=INT, version=INT, createdAt=MS, updatedAt=MS, queuedAt=INT,
+        history=array(obj(["at", "event"], at=MS, event=STR, by=nullable(STR), note=nullable(STR)))),
+    "Notification": obj(["id", "agentId", "type", "read"], id=ID_SCHEMA, agentId=ID_SCHEMA, type=STR, title=STR,
+                        message=STR, taskId=nullable(ID_SCHEMA), read=BOOL, createdAt=MS, readAt=nullable(MS)),
+    "Capacity": obj(["instanceId", "availableCapacity", "healthScore"], instanceId=ID_SCHEMA,
+                    status={"type": "string", "enum": ["online", "offline"]}, agentCount=INT, taskCount=INT,
+                    capacity=INT, availableCapacity={"type": "integer", "minimum": 0},
+                    healthScore={"type": "integer", "minimum": 0, "maximum": 100}, drained=BOOL),
+    "AuditEntry": obj(["id", "at", "actor", "action"], id=STR, at=MS, actor=STR, address=STR, action=STR,
+                      target=STR, detail=STR),
+    "RegisterRequest": obj(
+        ["id"], id={**ID_SCHEMA, "not": {"enum": sorted(RESERVED_IDS["agents"])}}, name=nullable(text()),
+        emoji=nullable(text(16)), roles=WORDS, model=nullable(text()), workspace=nullable(text(1024)),
+        instanceId=nullable({**ID_SCHEMA, "not": {"enum": sorted(RESERVED_IDS["instances"])}}),
+        hostname=nullable(text()), tailscaleIP=IP, heartbeatInterval=INTERVAL,
+        maxConcurrentTasks=nullable({"type": "integer", "minimum": 1, "maximum": MAX_TASKS_LIMIT}),
+        metadata=nullable({"type": "object"}), rotateToken=BOOL),
+    "HeartbeatRequest": obj(
+        status=nullable(text(64)), currentTask=nullable(text()),
+        instanceId=nullable({**ID_SCHEMA, "not": {"enum": sorted(RESERVED_IDS["instances"])}}),
+        hostname=nullable(text()), tailscaleIP=IP, heartbeatInterval=INTERVAL,
+        tasks=nullable(array({"anyOf": [ID_SCHEMA, obj(["id"], id=ID_SCHEMA, epoch=nullable(EPOCH))]},
+                             MAX_TASKS_LIMIT)),
+        readNotifications=nullable(array(ID_SCHEMA, MAX_PAGE))),
+    "TaskCreate": obj(
+        ["title"], title=text(nonblank=True), description=nullable(text(MAX_TEXT)), roles=WORDS,
+        priority=nullable({"type": "string", "enum": list(PRIORITIES)}), lane=nullable(LANE_NAMES),
+        assignedTo=nullable(ID_SCHEMA), force=BOOL, tags=WORDS, instanceId=nullable(ID_SCHEMA),
+        preferredInstance=nullable(ID_SCHEMA)),
+    "TaskUpdate": obj(
+        title=text(nonblank=True), description=nullable(text(MAX_TEXT)), roles=WORDS, tags=WORDS,
+        priority=nullable({"type": "string", "enum": list(PRIORITIES)}), lane=nullable(LANE_NAMES),
+        assignedTo=nullable(ID_SCHEMA), force=BOOL, instanceId=nullable(ID_SCHEMA),
+        preferredInstance=nullable(ID_SCHEMA)),
+    "VerbRequest": obj(["agentId", "epoch"], agentId=ID_SCHEMA, epoch=EPOCH, reason=nullable(text(MAX_TEXT)),
+                       note=nullable(text(MAX_TEXT)), force=BOOL),
+    "NotificationCreate": obj(["agentId", "message"], agentId=ID_SCHEMA, message=text(MAX_TEXT, nonblank=True),
+                              type=nullable(text(64)), title=nullable(text()), taskId=nullable(ID_SCHEMA)),
+    "InstanceHeartbeatRequest": obj(status=nullable(text(64)), hostname=nullable(text()), tailscaleIP=IP,
+                                    heartbeatInterval=INTERVAL),
+    "SyncRequest": obj(force=BOOL),
+}
+INSTANCE_VIEW = obj(["instanceId", "status", "agentCount"], **SCHEMAS["Capacity"]["properties"],
+                    hostname=STR, tailscaleIP=nullable(STR), onlineAgents=INT, lastHeartbeat=nullable(MS),
+                    hold=BOOL, offlineAfterMs=INT, createdAt=MS, updatedAt=MS)
+
+# per operation: (summary, request body schema or None, body required, success status, reply schema, query)
+QUERY = {
+    "agents": {"instanceId": STR, "role": STR, "status": {"type": "string", "enum": ["online", "offline"]}},
+    "tasks": {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+              "offset": {"type": "integer", "minimum": 0, "maximum": 2 ** 31}, "assignedTo": STR, "instanceId": STR,
+              "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)}, "role": STR},
+    "notes": {"agentId": ID_SCHEMA, "unread": BOOL_TEXT},
+    "unread": {"unread": BOOL_TEXT},
+    "limit": {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+    "force": {"force": BOOL_TEXT},
+}
+OPERATIONS = {
+    "GET /health": ("Liveness of the bridge and its storage", None, False, 200, ref("Health"), {}),
+    "POST /api/agents/register": ("Register or update an agent", "RegisterRequest", True, 201, ref("Agent"), {}),
+    "GET /api/agents": ("List agents", None, False, 200, array(ref("Agent")), QUERY["agents"]),
+    "GET /api/agents/{id}": ("One agent", None, False, 200, ref("Agent"), {}),
+    "DELETE /api/agents/{id}": ("Deregister an agent; its work moves on", None, False, 200,
+                                obj(["deleted"], deleted=ID_SCHEMA, reassigned={"type": "object"},
+                                    queued=array(ID_SCHEMA)), {}),
+    "POST /api/agents/{id}/heartbeat": ("One beat of one agent", "HeartbeatRequest", False, 200,
+                                        obj(["success", "agent", "tasks", "notifications", "stop", "serverTime"],
+                                            success=BOOL, agent=ref("Agent"), tasks=array(ref("Task")),
+                                            notifications=array(ref("Notification")), stop=array(ID_SCHEMA),
+                                            serverTime=MS), {}),
+    "GET /api/agents/{id}/tasks": ("An agent's unfinished tasks", None, False, 200,
+                                   obj(["agent", "tasks"], agent=ref("Agent"), tasks=array(ref("Task"))), {}),
+    "GET /api/agents/{id}/notifications": ("An agent's notifications, newest first", None, False, 200,
+                                           array(ref("Notification")), QUERY["unread"]),
+    "GET /api/instances": ("List instances", None, False, 200, array(INSTANCE_VIEW), {}),
+    "GET /api/instances/capacities": ("Capacity and health per instance", None, False, 200,
+                                      array(ref("Capacity")), {}),
+    "GET /api/instances/{id}": ("One instance", None, False, 200, INSTANCE_VIEW, {}),
+    "POST /api/instances/{id}/heartbeat": ("One beat for every agent on an instance", "InstanceHeartbeatRequest",
+                                           False, 200, obj(["success", "instanceId", "agents"], success=BOOL,
+                                                           instanceId=ID_SCHEMA, agents=array(ID_SCHEMA),
+                                                           assigned=array(ID_SCHEMA), serverTime=MS), {}),
+    "POST /api/instances/{id}/drain": ("Stop new work going to an instance", None, False, 200, INSTANCE_VIEW, {}),
+    "POST /api/instances/{id}/undrain": ("Let new work go to an instance again", None, False, 200,
+                                         INSTANCE_VIEW, {}),
+    "GET /api/tasks": ("List tasks", None, False, 200, array(ref("Task")), QUERY["tasks"]),
+    "POST /api/tasks": ("Create a task; assigned at once when an agent has room", "TaskCreate", True, 201,
+                        ref("Task"), {}),
+    "GET /api/tasks/{id}": ("One task, with an ETag", None, False, 200, ref("Task"), {}),
+    "PUT /api/tasks/{id}": ("Change a task; assignedTo moves it", "TaskUpdate", True, 200, ref("Task"), {}),
+    "DELETE /api/tasks/{id}": ("Delete a task", None, False, 200, obj(["deleted"], deleted=ID_SCHEMA), {}),
+    **{f"POST /api/tasks/{{id}}/{verb}": (f"Agent verb '{verb}', fenced by agentId and epoch", "VerbRequest",
+                                           True, 200, ref("Task"), {}) for verb in VERBS},
+    "GET /api/notifications": ("List notifications, newest first", None, False, 200, array(ref("Notification")),
+                               QUERY["notes"]),
+    "POST /api/notifications": ("Send a notification to an agent", "NotificationCreate", True, 201,
+                                ref("Notification"), {}),
+    "PUT /api/notifications/{id}/read": ("Mark a notification read", None, False, 200, ref("Notification"), {}),
+    "POST /api/sync": ("Sweep, assign and snapshot now", "SyncRequest", False, 200,
+                       obj(["success"], success=BOOL, offline=array(ID_SCHEMA), reassigned={"type": "object"},
+                           queued=array(ID_SCHEMA), assigned=array(ID_SCHEMA), disruption=BOOL,
+                           snapshotSeq=INT), QUERY["force"]),
+    "GET /api/audit": ("The audit trail, newest first", None, False, 200, array(ref("AuditEntry")),
+                       QUERY["limit"]),
+    "GET /openapi.json": ("This description", None, False, 200, {"type": "object"}, {}),
+}
+
+
+def error_statuses(method, pattern, rule, body_required):
+    """Every error status an operation can answer, from what the HTTP layer and its route do."""
+    codes = {400, 411, 413, 414, 431, 503}
+    if rule != "open":
+        codes |= {401, 403, 429}
+    if "{id}" in pattern or pattern in ("/api/notifications", "/api/agents/register") or method == "POST":
+        codes.add(404)
+    if pattern.startswith("/api/tasks") and method in ("POST", "PUT"):
+        codes.add(409)
+    if method == "PUT" and pattern == "/api/tasks/{id}":
+        codes.add(412)
+    return sorted(codes)
+
+
+def build_openapi():
+    """The OpenAPI 3.1 description, one operation per ROUTES row."""
+    paths = {}
+    for method, pattern, _, rule in ROUTES:
+        summary, body, body_required, status, reply, query = OPERATIONS[f"{method} {pattern}"]
+        operation = {"summary": summary, "operationId": f"{method.lower()}{re.sub(r'[^A-Za-z]+', '_', pattern)}",
+                     "responses": {str(status): {"description": "OK",
+                                                 "content": {"application/json": {"schema": reply}}}}}
+        if method == "POST" and pattern == "/api/agents/register":
+            operation["responses"]["200"] = operation["responses"]["201"]
+        if rule == "open":
+            operation["security"] = []
+        parameters = [{"name": "id", "in": "path", "required": True, "schema": ID_SCHEMA}] if "{id}" in pattern else []
+        parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+                       for name, schema in query.items()]
+        if method == "PUT" and pattern == "/api/tasks/{id}":
+            parameters.append({"name": "If-Match", "in": "header", "required": False, "schema": STR})
+        if parameters:
+            operation["parameters"] = parameters
+        if body:
+            operation["requestBody"] = {"required": body_required,
+                                        "content": {"application/json": {"schema": ref(body)}}}
+        for code in error_statuses(method, pattern, rule, body_required):
+            operation["responses"][str(code)] = {"description": http.HTTPStatus(code).phrase,
+                                                 "content": {"application/json": {"schema": ref("Error")}}}
+        paths.setdefault(pattern, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "clawbridge", "version": __version__,
+                 "description": "The central bridge for a fleet of OpenClaw agents. Times are Unix epoch "
+                                "milliseconds; lists are bare arrays; errors share one shape."},
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }
 
 
 def split_path(path):
@@ -2426,6 +2650,7 @@ def split_path(path):
 
 
 ROUTE_TABLE = [(method, split_path(pattern), handler, rule) for method, pattern, handler, rule in ROUTES]
+OPENAPI = build_openapi()
 
 
 def resolve(method, path):
