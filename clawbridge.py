@@ -941,7 +941,8 @@ def get_int(payload, field, low, high, default=None):
     value = payload.get(field)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or value != int(value)):
         raise bad_request(f"'{field}' must be a whole number", field)
     if not low <= value <= high:
         raise bad_request(f"'{field}' must be from {low} to {high}", field)
@@ -1367,8 +1368,13 @@ def register_agent(state, now, payload, actor=None, new_token=None):
     metadata = payload.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("'metadata' must be a JSON object", "metadata")
-    if metadata is not None and len(json.dumps(metadata)) > MAX_TEXT:
-        raise bad_request(f"'metadata' is larger than {MAX_TEXT} bytes", "metadata")
+    if metadata is not None:
+        try:
+            size = len(json.dumps(metadata, allow_nan=False))
+        except ValueError:
+            raise bad_request("'metadata' holds a number too large to represent", "metadata") from None
+        if size > MAX_TEXT:
+            raise bad_request(f"'metadata' is larger than {MAX_TEXT} bytes", "metadata")
     fields["metadata"] = metadata
     given = {k: v for k, v in fields.items() if v is not None}
     old = state.agents.get(agent_id)
@@ -2813,7 +2819,10 @@ AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
 
 def response_bytes(status, body, headers, close=False, head_only=False):
     """A whole HTTP/1.1 response with a JSON body, to be written in one send."""
-    payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:      # a lone surrogate from a client's \ud800: escaped, it is still valid JSON
+        payload = json.dumps(body, separators=(",", ":")).encode()
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
              f"Server: clawbridge/{__version__}",
              f"Date: {email.utils.formatdate(usegmt=True)}",
@@ -2861,7 +2870,11 @@ class Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         bridge = self.server.bridge
         self.server.enter()
-        self._unread_body = self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        # a refused request whose body was not read must close the connection, or the body would be taken
+        # for the next request (request smuggling)
+        lengths = self.headers.get_all("Content-Length") or []
+        self._unread_body = ("Transfer-Encoding" in self.headers or len(lengths) > 1
+                             or any(length.strip() not in ("", "0") for length in lengths))
         status, size = 500, 0
         try:
             try:
