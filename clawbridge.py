@@ -8,6 +8,9 @@ agents what changed. One file, standard library only, Python 3.9+.
 Run:
     python3 clawbridge.py                  serve on 127.0.0.1:8787, data in ./.clawhub/
     python3 clawbridge.py backup DEST      write a consistent copy of the data dir (bridge may be running)
+    python3 clawbridge.py restore SRC      replace the data dir with a backup (bridge must be stopped)
+    python3 clawbridge.py check            verify a data dir offline: parse, count, report problems
+    python3 clawbridge.py --healthcheck    probe the running bridge's /health (exit 0 healthy, 1 not)
     python3 clawbridge.py --print-config   show the resolved configuration (secrets redacted)
     python3 clawbridge.py --help           every flag
 
@@ -19,7 +22,12 @@ Configuration (flags > environment > .env file > defaults):
     INSTANCE_ID      this bridge's own instance name           the short host name
     OFFLINE_AFTER    seconds of silence before offline         300
     LOG_LEVEL        debug, info, warning or error             info
+    LOG_FORMAT       text, or json for one JSON object a line  text
     DEBUG            bridge:* (or *) is the same as debug      (none)
+    BRIDGE_READ_TOKEN            a token that may only read    (none)
+    BRIDGE_REQUIRE_AGENT_TOKENS  1: agents must use their own  0
+    BRIDGE_WEBHOOK_URL  where alerts are POSTed as JSON        (none)
+    ARCHIVE_AFTER_DAYS  finished tasks leave memory after      30
 
 Exit codes: 0 ok, 1 runtime failure (data unreadable, data dir in use, port taken), 2 usage or configuration.
 """
@@ -40,8 +48,9 @@ import http
 import ipaddress
 import json
 import logging
-import os
 import math
+import os
+import platform
 import re
 import secrets
 import signal
@@ -50,6 +59,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple, Optional
 
@@ -95,6 +105,12 @@ MAX_TASKS_LIMIT = 1000
 MIN_INTERVAL_MS = 100                # declared heartbeat intervals, ms
 MAX_INTERVAL_MS = 7 * 24 * 3600 * 1000
 
+DEFAULT_ARCHIVE_AFTER_DAYS = 30.0   # done and cancelled tasks older than this move to archive files
+READ_NOTIFICATION_DAYS = 7.0        # read notifications older than this are dropped
+ARCHIVE_PERIOD = 3600.0             # seconds between two archive passes
+WEBHOOK_QUEUE = 1000                # alerts waiting to be sent; the oldest are dropped past this
+WEBHOOK_TRIES = 6                   # attempts per alert, with backoff doubling from 1 s
+WEBHOOK_TIMEOUT = 5.0
 SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
 SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
 FLUSHER_PERIOD = 1.0
@@ -187,6 +203,9 @@ class Config:
     instance_id: str = ""
     offline_after: float = DEFAULT_OFFLINE_AFTER
     log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = "text"
+    webhook_url: str = ""
+    archive_after_days: float = DEFAULT_ARCHIVE_AFTER_DAYS
     insecure: bool = False
 
     def redacted(self):
@@ -201,6 +220,9 @@ class Config:
             f"INSTANCE_ID={self.instance_id}",
             f"OFFLINE_AFTER={self.offline_after:g}",
             f"LOG_LEVEL={self.log_level}",
+            f"LOG_FORMAT={self.log_format}",
+            f"BRIDGE_WEBHOOK_URL={'(set, hidden)' if self.webhook_url else '(not set)'}",
+            f"ARCHIVE_AFTER_DAYS={self.archive_after_days:g}",
             f"INSECURE={'1' if self.insecure else '0'}",
         ])
 
@@ -254,6 +276,9 @@ def add_serve_options(parser):
                         help="allow listening on a non-loopback address without BRIDGE_TOKEN")
     parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                         help="print the resolved configuration (token hidden) and exit")
+    parser.add_argument("--healthcheck", action="store_true", default=argparse.SUPPRESS,
+                        help="ask the bridge at BRIDGE_HOST:BRIDGE_PORT for /health and exit 0 when it is healthy, "
+                             "1 otherwise (for Docker HEALTHCHECK; no curl needed)")
 
 
 def build_parser():
@@ -281,6 +306,20 @@ def build_parser():
                     "before the backup began. Start a bridge on the copy with BRIDGE_DATA_DIR=DEST.")
     add_common_options(backup)
     backup.add_argument("dest", metavar="DEST", help="directory to write the copy into")
+    restore = commands.add_parser(
+        "restore", help="replace the data dir with a backup (the bridge must be stopped)",
+        description="Replace the state in the data directory with the backup in SRC (a directory written by "
+                    "'backup', or any data dir). Refuses while a bridge holds the data directory. The files "
+                    "it replaces are kept in a before-restore-<time> folder inside the data directory. The "
+                    "next start raises every task's epoch past anything handed out since the backup.")
+    add_common_options(restore)
+    restore.add_argument("src", metavar="SRC", help="directory holding the backup")
+    check = commands.add_parser(
+        "check", help="verify a data dir offline: parse it, count it, report problems",
+        description="Read the data directory as a start would, without changing it, and report what it "
+                    "holds and any problem found (a corrupt snapshot, a damaged journal record). Exit 0 when "
+                    "it is sound, 1 when there is a problem. Safe while the bridge runs.")
+    add_common_options(check)
     return parser
 
 
@@ -317,6 +356,19 @@ def load_config(argv, environ, dotenv_text):
         level = "warning"
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{level_key}: must be debug, info, warning or error, got {level!r}")
+    log_format, format_key = pick(None, "LOG_FORMAT", default="text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{format_key}: must be text or json, got {log_format!r}")
+    webhook_url, webhook_key = pick(None, "BRIDGE_WEBHOOK_URL", default="")
+    if webhook_url and not re.match(r"https?://[^/\s]+", webhook_url):
+        raise ConfigError(f"{webhook_key}: must be an http:// or https:// URL")
+    archive_text, archive_key = pick(None, "ARCHIVE_AFTER_DAYS", default=str(DEFAULT_ARCHIVE_AFTER_DAYS))
+    try:
+        archive_after_days = float(archive_text)
+    except ValueError:
+        archive_after_days = -1.0
+    if not 0 < archive_after_days <= 36500:
+        raise ConfigError(f"{archive_key}: must be a number of days above 0, got {archive_text!r}")
     debug, _ = pick(None, "DEBUG", default="")
     if "bridge" in debug or debug.strip() == "*":
         level = "debug"
@@ -338,7 +390,8 @@ def load_config(argv, environ, dotenv_text):
                           f"(not starting with .), got {instance_id!r}")
     config = Config(host=host, port=int(port_text), token=token, read_token=read_token,
                     require_agent_tokens=require_agent_tokens, data_dir=data_dir, instance_id=instance_id,
-                    offline_after=offline_after, log_level=level, insecure=bool(flags.get("insecure")))
+                    offline_after=offline_after, log_level=level, log_format=log_format, webhook_url=webhook_url,
+                    archive_after_days=archive_after_days, insecure=bool(flags.get("insecure")))
     return args.command or "serve", config, args
 
 
@@ -756,6 +809,9 @@ class Store:
     def wait(self, seq):
         self.journal.wait(seq)
 
+    def journal_bytes(self):
+        return sum(os.path.getsize(os.path.join(self.data_dir, name)) for _, name in list_data_files(self.data_dir)[1])
+
     def changes_since_snapshot(self):
         return self.journal.written - self.snapshot_seq
 
@@ -1046,7 +1102,9 @@ class State:
         self.flaps = {}         # instance id -> monotonic times it went offline, within FLAP_WINDOW
         self.disruption = False
         self.last_sweep = None
-        self.events = []        # (level, message) for the service to log once the lock is released
+        self.events = []        # (level, message, alert) for the service to log (and send) after the lock
+        self.counters = collections.Counter()   # heartbeats, reassignments, ... since start (for /metrics)
+        self.started = 0.0
         self.changes = []       # journal ops recorded since the service last took them
         self.undo = []          # (section, key, entity before the change or None), in the same order
         self.meta_changed = False
@@ -1108,8 +1166,9 @@ class State:
             self.inbox[agent_id] = dict.fromkeys(sorted(inbox, key=lambda n: self.notifications[n].createdAt))
             self.unread[agent_id] = {n: None for n in self.inbox[agent_id] if not self.notifications[n].read}
 
-    def say(self, level, message):
-        self.events.append((level, message))
+    def say(self, level, message, alert=None):
+        """Something for the log, and with alert (the event name) for the webhook too."""
+        self.events.append((level, message, alert))
 
     def record(self, section, key, old, op):
         """Note one durable change for the journal, and what it replaced for a rollback."""
@@ -1456,7 +1515,7 @@ def note_beat(state, now, agent, instance_was):
     if instance_was == "offline":
         state.hold[instance_id] = [ANTI_FLAP_BEATS, now.mono]
         state.say(logging.INFO, f"instance {instance_id} is back online; new work after {ANTI_FLAP_BEATS} "
-                                "more on-time beats")
+                                "more on-time beats", alert="instance.online")
         return False
     hold = state.hold.get(instance_id)
     if hold is None or now.mono - hold[1] < BEAT_SPACING:
@@ -1474,6 +1533,7 @@ def apply_beat(state, now, agent, payload):
     """One beat from one agent: liveness (soft), what it says of itself (soft), and any change to where it
     runs or how often it beats (durable). Returns True when the beat may have made room for queued work."""
     reported = get_str(payload, "status", limit=64)
+    state.counters["heartbeats"] += 1
     durable = {
         "instanceId": get_instance_id(payload),
         "hostname": get_str(payload, "hostname"),
@@ -1721,16 +1781,20 @@ def take_offline(state, now, agent_ids):
         agent = pool.place(state, now, task, kind="task-reassigned", by="failover")
         if agent is not None:
             moved["reassigned"][task.id] = agent.id
+            state.counters["reassignments"] += 1
         else:
+            state.counters["requeued"] += 1
             revoke_notice(state, now, task, "was put back in the queue because its agent went offline")
             requeue(state, now, task, "requeued", "failover")
             moved["queued"].append(task.id)
     return moved
 
 
-def rebaseline(state, now):
+def rebaseline(state, now, start=False):
     """Treat every online agent as heard from now: after a start, or a pause of the bridge itself (a
     suspended VM, a stalled process), so that the bridge's own silence is not blamed on the fleet."""
+    if start:
+        state.started = now.mono
     for agent in state.agents.values():
         if agent.status == "online":
             state.seen[agent.id] = now.mono
@@ -1771,11 +1835,12 @@ def sweep(state, now, force=False):
     if suspect and not force:
         if not state.disruption:
             state.say(logging.WARNING, f"disruption: {len(silent)} of {online} instances went silent at once; "
-                                       "suspecting the bridge's own network, marking nothing offline")
+                                       "suspecting the bridge's own network, marking nothing offline",
+                      alert="disruption.start")
         state.disruption = True
         return {"offline": [], "reassigned": {}, "queued": [], "disruption": True, "silent": silent}
     if state.disruption:
-        state.say(logging.WARNING, "disruption over: beats are back")
+        state.say(logging.WARNING, "disruption over: beats are back", alert="disruption.end")
     state.disruption = False
     report = {"offline": [], "reassigned": {}, "queued": [], "disruption": False}
     for instance_id, silence, agent_ids in expired:
@@ -1786,8 +1851,10 @@ def sweep(state, now, force=False):
         report["offline"].append(instance_id)
         report["reassigned"].update(moved["reassigned"])
         report["queued"].extend(moved["queued"])
+        state.counters["instances_offline"] += 1
         state.say(logging.WARNING, f"instance {instance_id} is offline (silent {silence:.0f}s); "
-                                   f"{len(moved['reassigned'])} tasks reassigned, {len(moved['queued'])} queued")
+                                   f"{len(moved['reassigned'])} tasks reassigned, {len(moved['queued'])} queued",
+                  alert="instance.offline")
     return report
 
 
@@ -1801,6 +1868,18 @@ def set_drained(state, now, instance_id, drained):
     if not drained:
         assign_queued(state, now)
     return instance_figures(state, state.instances[instance_id], now)
+
+
+def fleet_figures(state, now):
+    """Counts for /metrics."""
+    return {
+        "agents": collections.Counter(a.status for a in state.agents.values()),
+        "instances": collections.Counter(instance_status(instance_agents(state, i)) for i in state.instances),
+        "tasks": collections.Counter(t.lane for t in state.tasks.values()),
+        "disruption": state.disruption,
+        "counters": dict(state.counters),
+        "uptime": now.mono - state.started,
+    }
 
 
 def sync(state, now, force=False):
@@ -2091,9 +2170,11 @@ class Bridge:
         self.clock = clock or SystemClock()
         self.lock = threading.Lock()
         self.pending = collections.deque()      # (seq, undo) of journal records not yet known on disk
+        self.alerts = Alerts(config.webhook_url, config.instance_id)
+        self.requests = RequestMetrics()        # filled by the HTTP layer, shown by /metrics
         self.started = self.clock.now()
         state.offline_after = config.offline_after
-        rebaseline(state, self.started)     # a restart gives every instance one full threshold
+        rebaseline(state, self.started, start=True)     # a restart gives every instance one full threshold
 
     @classmethod
     def open(cls, config, clock=None, fsync=os.fsync):
@@ -2123,12 +2204,15 @@ class Bridge:
             seq = self.store.journal.written
             while self.pending and self.pending[0][0] <= self.store.journal.synced:
                 self.pending.popleft()
-        for level, message in batch.events:
+        for level, message, alert in batch.events:
             log.log(level, "%s", message)
+            if alert:
+                self.alerts.send(alert, message)
         try:
             self.store.wait(seq)
         except OSError:
             log.exception("cannot fsync the journal; refusing writes until a snapshot succeeds")
+            self.alerts.send("storage.degraded", "the bridge cannot fsync its journal; changes are refused")
             self.discard_unsynced()
             raise storage_unavailable() from None
         return result
@@ -2142,6 +2226,7 @@ class Bridge:
             seq = self.store.append(batch.ops, batch.meta)
         except OSError:
             log.exception("cannot write to the journal; refusing writes until a snapshot succeeds")
+            self.alerts.send("storage.degraded", "the bridge cannot write its journal; changes are refused")
             self.state.rollback(batch.undo)
             raise storage_unavailable() from None
         self.pending.append((seq, batch.undo))
@@ -2167,6 +2252,7 @@ class Bridge:
         if failure is not None:
             # memory and disk agree again: everything in memory is in this snapshot
             self.store.journal.recovered(failure)
+            self.alerts.send("storage.recovered", "the bridge writes its data again")
         return seq
 
     def snapshot_due(self):
@@ -2395,6 +2481,102 @@ def h_openapi(bridge, req):
     return 200, OPENAPI
 
 
+def h_metrics(bridge, req):
+    return 200, render_metrics(bridge).encode(), {"Content-Type": PROMETHEUS_TYPE}
+
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RequestMetrics:
+    """Request counts and a latency histogram per route, since the start."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()     # (method, route, status) -> requests
+        self.latency = {}                       # route -> [count per bucket..., count above, sum, count]
+
+    def observe(self, method, route, status, seconds):
+        with self.lock:
+            self.counts[(method, route, status)] += 1
+            row = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 3))
+            row[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            row[-2] += seconds
+            row[-1] += 1
+
+    def copy(self):
+        with self.lock:
+            return dict(self.counts), {route: list(row) for route, row in self.latency.items()}
+
+
+def prometheus_labels(labels):
+    def escape(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}" if labels else ""
+
+
+def metric(lines, name, kind, help_text, samples):
+    """Append one metric family in the Prometheus text format; samples are (name suffix, labels, value)."""
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    lines.extend(f"{name}{suffix}{prometheus_labels(labels)} {value}" for suffix, labels, value in samples)
+
+
+def histogram_samples(latency):
+    for route, row in sorted(latency.items()):
+        for bound, running in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
+            yield "_bucket", {"route": route, "le": f"{bound:g}"}, running
+        yield "_bucket", {"route": route, "le": "+Inf"}, row[-1]
+        yield "_sum", {"route": route}, round(row[-2], 6)
+        yield "_count", {"route": route}, row[-1]
+
+
+COUNTERS = (("heartbeats", "Agent beats received (an instance beat counts each of its agents)."),
+            ("reassignments", "Tasks moved to another agent by failover."),
+            ("requeued", "Tasks put back in the queue by failover."),
+            ("instances_offline", "Times an instance was marked offline."))
+
+
+def render_metrics(bridge):
+    """GET /metrics: the fleet, the bridge's own work, its requests and its storage."""
+    fleet = bridge.run(fleet_figures)
+    counts, latency = bridge.requests.copy()
+    journal = bridge.store.journal
+    lines = []
+    metric(lines, "clawbridge_build_info", "gauge", "Version of the running bridge.",
+           [("", {"version": __version__, "python": platform.python_version()}, 1)])
+    metric(lines, "clawbridge_uptime_seconds", "gauge", "Seconds since the bridge started.",
+           [("", {}, round(fleet["uptime"], 3))])
+    metric(lines, "clawbridge_agents", "gauge", "Agents by status.",
+           [("", {"status": k}, fleet["agents"].get(k, 0)) for k in ("online", "offline")])
+    metric(lines, "clawbridge_instances", "gauge", "Instances by status.",
+           [("", {"status": k}, fleet["instances"].get(k, 0)) for k in ("online", "offline")])
+    metric(lines, "clawbridge_tasks", "gauge", "Tasks in memory by lane.",
+           [("", {"lane": lane}, fleet["tasks"].get(lane, 0)) for lane in LANES])
+    metric(lines, "clawbridge_disruption", "gauge", "1 while the bridge suspects its own network.",
+           [("", {}, int(fleet["disruption"]))])
+    for name, text in COUNTERS:
+        metric(lines, f"clawbridge_{name}_total", "counter", text, [("", {}, fleet["counters"].get(name, 0))])
+    metric(lines, "clawbridge_http_requests_total", "counter", "HTTP requests by method, route and status.",
+           [("", {"method": m, "route": r, "status": s}, n) for (m, r, s), n in sorted(counts.items())])
+    metric(lines, "clawbridge_http_request_duration_seconds", "histogram", "Time to answer a request, by route.",
+           histogram_samples(latency))
+    metric(lines, "clawbridge_storage_writable", "gauge", "1 while the data dir accepts writes.",
+           [("", {}, int(bridge.store.healthy))])
+    metric(lines, "clawbridge_journal_bytes", "gauge", "Bytes of journal kept on disk.",
+           [("", {}, bridge.store.journal_bytes())])
+    metric(lines, "clawbridge_journal_records_total", "counter", "Journal records written (the last seq).",
+           [("", {}, journal.written)])
+    metric(lines, "clawbridge_journal_fsyncs_total", "counter", "fsync calls on the journal.",
+           [("", {}, journal.fsync_count)])
+    metric(lines, "clawbridge_journal_fsync_seconds_total", "counter", "Time spent in journal fsyncs.",
+           [("", {}, round(journal.fsync_seconds, 6))])
+    metric(lines, "clawbridge_webhooks_total", "counter", "Alerts to BRIDGE_WEBHOOK_URL by outcome.",
+           [("", {"result": k}, bridge.alerts.counts.get(k, 0)) for k in ("sent", "failed", "dropped")])
+    return "\n".join(lines) + "\n"
+
+
 # Who may call what (checked by authorize()):
 #   open      anyone, no token needed
 #   read      the admin and the read token
@@ -2430,6 +2612,7 @@ ROUTES = [
     ("POST", "/api/sync", h_sync, "admin"),
     ("GET", "/api/audit", h_audit, "admin"),
     ("GET", "/openapi.json", h_openapi, "open"),
+    ("GET", "/metrics", h_metrics, "read"),
 ]
 
 
@@ -2596,6 +2779,7 @@ OPERATIONS = {
     "GET /api/audit": ("The audit trail, newest first", None, False, 200, array(ref("AuditEntry")),
                        QUERY["limit"]),
     "GET /openapi.json": ("This description", None, False, 200, {"type": "object"}, {}),
+    "GET /metrics": ("Prometheus metrics (text format 0.0.4)", None, False, 200, {"type": "string"}, {}),
 }
 
 
@@ -2618,9 +2802,9 @@ def build_openapi():
     paths = {}
     for method, pattern, _, rule in ROUTES:
         summary, body, body_required, status, reply, query = OPERATIONS[f"{method} {pattern}"]
+        media = PROMETHEUS_TYPE.split(";")[0] if pattern == "/metrics" else "application/json"
         operation = {"summary": summary, "operationId": f"{method.lower()}{re.sub(r'[^A-Za-z]+', '_', pattern)}",
-                     "responses": {str(status): {"description": "OK",
-                                                 "content": {"application/json": {"schema": reply}}}}}
+                     "responses": {str(status): {"description": "OK", "content": {media: {"schema": reply}}}}}
         if method == "POST" and pattern == "/api/agents/register":
             operation["responses"]["200"] = operation["responses"]["201"]
         if rule == "open":
@@ -2655,17 +2839,23 @@ def split_path(path):
     return [urllib.parse.unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
 
 
-ROUTE_TABLE = [(method, split_path(pattern), handler, rule) for method, pattern, handler, rule in ROUTES]
+class Route(NamedTuple):
+    handler: object
+    params: dict
+    rule: str
+    pattern: str    # the route's label in /metrics
+
+
+ROUTE_TABLE = [(method, split_path(pattern), handler, rule, pattern) for method, pattern, handler, rule in ROUTES]
 OPENAPI = build_openapi()
 
 
 def resolve(method, path):
-    """Find the route for a request: (handler, params, access rule). The most literal pattern that matches
-    the path wins (/api/agents/register before /api/agents/{id}); a matching path with another method is
-    405."""
+    """Find the Route for a request. The most literal pattern that matches the path wins
+    (/api/agents/register before /api/agents/{id}); a matching path with another method is 405."""
     parts = split_path(path)
     best, best_rank = [], None
-    for row_method, pattern, handler, rule in ROUTE_TABLE:
+    for row_method, pattern, handler, rule, label in ROUTE_TABLE:
         if len(pattern) != len(parts):
             continue
         params = {}
@@ -2679,12 +2869,12 @@ def resolve(method, path):
             if best_rank is None or rank > best_rank:
                 best, best_rank = [], rank
             if rank == best_rank:
-                best.append((row_method, handler, params, rule))
+                best.append((row_method, Route(handler, params, rule, label)))
     if not best:
         raise BridgeError(404, "not_found", "No endpoint at this path; see README.md for the API.")
-    for row_method, handler, params, rule in best:
+    for row_method, route in best:
         if row_method == method or (method == "HEAD" and row_method == "GET"):
-            return handler, params, rule
+            return route
     methods = {row[0] for row in best}
     allowed = sorted(methods | ({"HEAD"} if "GET" in methods else set()))
     raise BridgeError(405, "method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}.",
@@ -2818,15 +3008,21 @@ AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
 
 
 def response_bytes(status, body, headers, close=False, head_only=False):
-    """A whole HTTP/1.1 response with a JSON body, to be written in one send."""
-    try:
-        payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:      # a lone surrogate from a client's \ud800: escaped, it is still valid JSON
-        payload = json.dumps(body, separators=(",", ":")).encode()
+    """A whole HTTP/1.1 response, to be written in one send: a JSON body, or bytes as they are (with their
+    Content-Type in headers)."""
+    headers = dict(headers)
+    content_type = headers.pop("Content-Type", "application/json; charset=utf-8")
+    if isinstance(body, bytes):
+        payload = body
+    else:
+        try:
+            payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:      # a lone surrogate from a client's \ud800: escaped, still valid JSON
+            payload = json.dumps(body, separators=(",", ":")).encode()
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
              f"Server: clawbridge/{__version__}",
              f"Date: {email.utils.formatdate(usegmt=True)}",
-             "Content-Type: application/json; charset=utf-8",
+             f"Content-Type: {content_type}",
              f"Content-Length: {len(payload)}"]
     lines.extend(f"{k}: {v}" for k, v in headers.items())
     if close:
@@ -2869,6 +3065,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         started = time.perf_counter()
         bridge = self.server.bridge
+        self._route = "unmatched"
         self.server.enter()
         # a refused request whose body was not read must close the connection, or the body would be taken
         # for the next request (request smuggling)
@@ -2891,9 +3088,12 @@ class Handler(BaseHTTPRequestHandler):
             size = self.send_json(status, body, headers)
         finally:
             self.server.leave()
-            level = logging.DEBUG if self.path == "/health" else logging.INFO
-            log.log(level, "%s %s %d %d %.1fms", self.command, self._loggable_path(), status, size,
-                    (time.perf_counter() - started) * 1000)
+            elapsed = time.perf_counter() - started
+            bridge.requests.observe(self.command, self._route, status, elapsed)
+            level = logging.DEBUG if self._route in ("/health", "/metrics") else logging.INFO
+            log.log(level, "%s %s %d %d %.1fms", self.command, self._loggable_path(), status, size, elapsed * 1000,
+                    extra={"http": {"method": self.command, "route": self._route, "status": status,
+                                    "bytes": size, "ms": round(elapsed * 1000, 1)}})
 
     def _loggable_path(self):
         return redact(self.path.split("?")[0][:200], self.server.bridge.config)
@@ -2906,15 +3106,16 @@ class Handler(BaseHTTPRequestHandler):
         raw_path, _, query_text = self.path.partition("?")
         if not raw_path.startswith("/"):
             raise bad_request("The request target must be a path starting with /.", code="bad_request")
-        handler, params, rule = resolve(self.command, raw_path)
-        who, actor = self._authorize(bridge, rule, params)
-        for value in params.values():
+        route = resolve(self.command, raw_path)
+        self._route = route.pattern
+        who, actor = self._authorize(bridge, route.rule, route.params)
+        for value in route.params.values():
             check_id(value, "id")
         body = self.read_json()
         self.server.mark(self.connection, busy=True)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
-        result = handler(bridge, Request(self.command, raw_path, params, query, self.headers, body, who, actor,
-                                         self.client_address[0]))
+        result = route.handler(bridge, Request(self.command, raw_path, route.params, query, self.headers, body,
+                                               who, actor, self.client_address[0]))
         return result if len(result) == 3 else (*result, {})
 
     def _authorize(self, bridge, rule, params):
@@ -3094,6 +3295,73 @@ class BridgeServer(ThreadingHTTPServer):
 
 
 # ===== Watchdog =====
+
+
+class Alerts:
+    """Sends alerts (an instance offline or back, disruption start or end, storage degraded or recovered)
+    to BRIDGE_WEBHOOK_URL as JSON POSTs with a Slack-compatible "text". A background thread sends them, so
+    no request ever waits; at most WEBHOOK_QUEUE wait (the oldest are dropped), and each is tried
+    WEBHOOK_TRIES times with a backoff that doubles from `backoff` seconds. The URL is never logged: it is
+    often a secret."""
+
+    def __init__(self, url, bridge_id, backoff=1.0):
+        self.url, self.bridge_id, self.backoff = url, bridge_id, backoff
+        self.queue = collections.deque()
+        self.cond = threading.Condition()
+        self.thread = None
+        self.busy = False
+        self.counts = collections.Counter()     # sent, failed, dropped (for /metrics)
+
+    def send(self, event, message):
+        if not self.url:
+            return
+        alert = {"event": event, "text": f"clawbridge {self.bridge_id}: {message}", "message": message,
+                 "bridge": self.bridge_id, "at": int(time.time() * 1000)}
+        with self.cond:
+            if len(self.queue) >= WEBHOOK_QUEUE:
+                self.queue.popleft()
+                self.counts["dropped"] += 1
+            self.queue.append(alert)
+            self.cond.notify()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="alerts", daemon=True)
+                self.thread.start()
+
+    def run(self):
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.busy = False
+                    self.cond.notify_all()
+                    self.cond.wait()
+                alert, self.busy = self.queue.popleft(), True
+            self.deliver(alert)
+
+    def deliver(self, alert):
+        body = json.dumps(alert).encode()
+        delay = self.backoff
+        for attempt in range(1, WEBHOOK_TRIES + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json",
+                                                          "User-Agent": f"clawbridge/{__version__}"})
+                with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT) as reply:
+                    reply.read()
+                self.counts["sent"] += 1
+                return
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "code", None) or type(exc).__name__
+                log.warning("webhook delivery of %s failed (attempt %d of %d: %s)", alert["event"], attempt,
+                            WEBHOOK_TRIES, reason)
+            if attempt < WEBHOOK_TRIES:
+                time.sleep(delay)
+                delay *= 2
+        self.counts["failed"] += 1
+
+    def flush(self, timeout):
+        """Wait until every queued alert is handled, or timeout (at shutdown)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.queue and not self.busy, timeout)
 
 
 class Watchdog(threading.Thread):

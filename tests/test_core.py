@@ -324,8 +324,8 @@ def test_printed_config_hides_the_token():
     ("PUT", "/api/notifications/n-1/read", cb.h_notification_read, {"id": "n-1"}),
 ])
 def test_resolve_finds_the_route(method, path, handler, params):
-    found, got, _ = cb.resolve(method, path)
-    assert found is handler and got == params
+    route = cb.resolve(method, path)
+    assert route.handler is handler and route.params == params
 
 
 @pytest.mark.parametrize("payload", [{"id": "register"}, {"id": "x", "instanceId": "capacities"}])
