@@ -465,6 +465,24 @@ def snapshot_chunks(doc):
     yield "}\n"
 
 
+ARCHIVE_RE = re.compile(r"archive-(\d{4})-(\d{2})\.jsonl")
+
+
+def read_archive_dir(data_dir):
+    """{task id: Task} from the archive files of a data dir, oldest month first, later copies winning. A
+    torn last line (a crash mid-write) is skipped; the tasks on it are still in the journal."""
+    tasks = {}
+    for name in sorted(n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n)):
+        with open(os.path.join(data_dir, name), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    task = entity_from_json(Task, json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                tasks[task.id] = task
+    return tasks
+
+
 def list_data_files(data_dir):
     """(snapshots, segments) in the data dir as sorted lists of (seq, file name)."""
     snapshots, segments = [], []
@@ -551,7 +569,7 @@ def load_data(data_dir, repair=False, build=lambda doc: doc):
     Returns (build(doc), info); raises StorageError, naming the file, when no good state can be rebuilt."""
     snapshots, segments = list_data_files(data_dir)
     if not snapshots and not segments:
-        return build(empty_doc()), {"fresh": True, "segment": None, "seq": 0}
+        return build(empty_doc()), {"fresh": True, "segment": None, "seq": 0, "problems": []}
     problems, bad = [], []
     candidates = [os.path.join(data_dir, name) for _, name in reversed(snapshots)]
     if segments and segments[0][0] == 1:
@@ -580,6 +598,7 @@ def load_data(data_dir, repair=False, build=lambda doc: doc):
         if repair:
             for path in filter(None, bad):      # kept for inspection, out of the way of the next start
                 os.replace(path, path + ".corrupt")
+        info["problems"] = problems + info["problems"]
         return built, info
     raise StorageError("no good state can be rebuilt from the data directory " + data_dir + ": "
                        + "; ".join(problems))
@@ -593,6 +612,7 @@ def replay(data_dir, doc, segments, repair):
               if i + 1 == len(segments) or segments[i + 1][0] > seq + 1]
     if needed and needed[0][0] > seq + 1:
         raise StorageError(f"the journal after record {seq} is missing (first segment {needed[0][1]})")
+    problems = []
     for i, (first, name) in enumerate(needed):
         path = os.path.join(data_dir, name)
         if first > seq + 1:
@@ -602,6 +622,8 @@ def replay(data_dir, doc, segments, repair):
             apply_record(index, meta, record)
         seq += len(records)
         if torn_at is not None:
+            problems.append(f"{path} ends with a torn record at byte {torn_at} (an interrupted write, never "
+                            "acknowledged; cut off at the next start)")
             if i + 1 < len(needed):
                 log.warning("%s ends with a damaged record (never acknowledged); it is ignored", path)
             elif repair:
@@ -611,7 +633,7 @@ def replay(data_dir, doc, segments, repair):
                     os.fsync(f.fileno())
     result = {k: v for k, v in doc.items() if k not in SECTIONS}
     result.update(seq=seq, meta=meta, **{s: list(index[s].values()) for s in SECTIONS})
-    return result, {"fresh": False, "segment": needed[-1] if needed else None, "seq": seq}
+    return result, {"fresh": False, "segment": needed[-1] if needed else None, "seq": seq, "problems": problems}
 
 
 class DirLock:
@@ -809,6 +831,23 @@ class Store:
     def wait(self, seq):
         self.journal.wait(seq)
 
+    def write_archive(self, tasks):
+        """Append tasks to archive-YYYY-MM.jsonl by the month they were last changed, fsynced."""
+        by_month = collections.defaultdict(list)
+        for task in tasks:
+            by_month[time.strftime("%Y-%m", time.gmtime(task.updatedAt / 1000))].append(task)
+        for month, items in sorted(by_month.items()):
+            path = os.path.join(self.data_dir, f"archive-{month}.jsonl")
+            with open(path, "a", encoding="utf-8", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+                out.writelines(json.dumps(t._asdict(), separators=(",", ":")) + "\n" for t in items)
+                out.flush()
+                self.fsync(out.fileno())
+        fsync_dir(self.data_dir)
+
+    def read_archives(self):
+        """Every archived task, the latest copy of each (a task archived twice appears once)."""
+        return list(read_archive_dir(self.data_dir).values())
+
     def journal_bytes(self):
         return sum(os.path.getsize(os.path.join(self.data_dir, name)) for _, name in list_data_files(self.data_dir)[1])
 
@@ -865,8 +904,16 @@ def backup_data(data_dir, dest, build=lambda doc: doc, attempts=5):
             time.sleep(0.05)
     doc["origin"] = "backup"
     doc["backupAt"] = int(time.time() * 1000)
+    copy_archives(data_dir, dest)
     atomic_write(os.path.join(dest, f"snapshot-{doc['seq']:012d}.json"), snapshot_chunks(doc))
     return doc
+
+
+def copy_archives(source, dest):
+    """Copy the archive files of one data dir into another (whole files, atomically)."""
+    for name in sorted(n for n in os.listdir(source) if ARCHIVE_RE.fullmatch(n)):
+        with open(os.path.join(source, name), encoding="utf-8") as f:
+            atomic_write(os.path.join(dest, name), [f.read()])
 
 
 # ===== Domain =====
@@ -1870,6 +1917,25 @@ def set_drained(state, now, instance_id, drained):
     return instance_figures(state, state.instances[instance_id], now)
 
 
+def finished_before(state, now, cutoff_ms):
+    """Done and cancelled tasks last changed before cutoff_ms: what the archive takes out of memory."""
+    return [t for t in state.tasks.values() if t.lane in FINISHED_LANES and t.updatedAt < cutoff_ms]
+
+
+def forget_archived(state, now, archived, read_before_ms):
+    """Drop the archived tasks from memory (those unchanged since they were written to the archive), and
+    read notifications older than read_before_ms. Returns (tasks dropped, notifications dropped)."""
+    dropped = 0
+    for task in archived:
+        if state.tasks.get(task.id) == task:
+            state.drop_task(task.id)
+            dropped += 1
+    old_notes = [n.id for n in state.notifications.values() if n.read and (n.readAt or 0) < read_before_ms]
+    for note_id in old_notes:
+        state.drop_notification(note_id)
+    return dropped, len(old_notes)
+
+
 def fleet_figures(state, now):
     """Counts for /metrics."""
     return {
@@ -2068,8 +2134,9 @@ def agent_verb(state, now, task_id, verb, payload, actor=None):
     return render_task(state, state.tasks[task.id])
 
 
-def list_tasks(state, now, query):
-    """GET /api/tasks with its filters. Returns (page, total matching)."""
+def list_tasks(state, now, query, archived=None):
+    """GET /api/tasks with its filters, over the tasks in memory or, given archived, over those archived
+    tasks (as read from the archive files) that are not in memory any more. Returns (page, total)."""
     limit = query_int(query, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
     offset = query_int(query, "offset", 0, 2 ** 31, 0)
     lane = get_lane(query)
@@ -2080,7 +2147,8 @@ def list_tasks(state, now, query):
     if assignee in ("", "none", "null"):
         assignee = None     # ?assignedTo=none lists the unassigned tasks
     matches = []
-    for task in state.tasks.values():
+    source = state.tasks.values() if archived is None else (t for t in archived if t.id not in state.tasks)
+    for task in source:
         if "assignedTo" in query and task.assignedTo != assignee:
             continue
         if ((lane and task.lane != lane) or (priority and task.priority != priority)
@@ -2284,6 +2352,25 @@ class Bridge:
                 )
         return (200 if healthy else 503), body
 
+    def archive(self):
+        """Move done and cancelled tasks older than ARCHIVE_AFTER_DAYS to the monthly archive files (written
+        and fsynced first, outside the lock), then out of memory; prune old read notifications. Memory is
+        then bounded by open work, not by history. Returns (tasks archived, notifications pruned)."""
+        now = self.clock.now()
+        cutoff = now.ms - int(self.config.archive_after_days * 86400000)
+        tasks = self.run(finished_before, cutoff)
+        if tasks:
+            self.store.write_archive(tasks)
+        archived, pruned = self.run(forget_archived, tasks, now.ms - int(READ_NOTIFICATION_DAYS * 86400000))
+        if archived or pruned:
+            log.info("archived %d finished tasks; pruned %d read notifications", archived, pruned)
+        return archived, pruned
+
+    def alive(self):
+        """Whether systemd's watchdog may be fed: storage writable and the liveness sweep recent."""
+        last = self.state.last_sweep
+        return self.store.healthy and last is not None and self.clock.now().mono - last < 10 * WATCHDOG_PERIOD
+
     def close(self):
         """Final snapshot and release of the data dir (SIGTERM path)."""
         try:
@@ -2421,7 +2508,8 @@ def h_instance_undrain(bridge, req):
 
 
 def h_tasks_list(bridge, req):
-    page, total = bridge.run(list_tasks, req.query)
+    archived = bridge.store.read_archives() if query_bool(req.query, "archived") else None   # disk, not locked
+    page, total = bridge.run(list_tasks, req.query, archived)
     return 200, page, {"X-Total-Count": str(total)}
 
 
@@ -2723,7 +2811,7 @@ INSTANCE_VIEW = obj(["instanceId", "status", "agentCount"], **SCHEMAS["Capacity"
 # per operation: (summary, request body schema or None, body required, success status, reply schema, query)
 QUERY = {
     "agents": {"instanceId": STR, "role": STR, "status": {"type": "string", "enum": ["online", "offline"]}},
-    "tasks": {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+    "tasks": {"archived": BOOL_TEXT, "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
               "offset": {"type": "integer", "minimum": 0, "maximum": 2 ** 31}, "assignedTo": STR, "instanceId": STR,
               "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)}, "role": STR},
     "notes": {"agentId": ID_SCHEMA, "unread": BOOL_TEXT},
@@ -3383,16 +3471,21 @@ class Watchdog(threading.Thread):
 
 
 class Flusher(threading.Thread):
-    """Writes snapshots in the background: every SNAPSHOT_EVERY_CHANGES journal records or
-    SNAPSHOT_EVERY_SECONDS of changes, and retries after a storage failure. Survives its own errors."""
+    """Background upkeep: writes snapshots every SNAPSHOT_EVERY_CHANGES journal records or
+    SNAPSHOT_EVERY_SECONDS of changes (and retries after a storage failure), and runs the archive every
+    ARCHIVE_PERIOD. Survives its own errors."""
 
     def __init__(self, bridge, stop, period=FLUSHER_PERIOD):
         super().__init__(name="flusher", daemon=True)
         self.bridge, self.stop, self.period = bridge, stop, period
 
     def run(self):
+        last_archive = None
         while not self.stop.wait(self.period):
             try:
+                if last_archive is None or time.monotonic() - last_archive >= ARCHIVE_PERIOD:
+                    last_archive = time.monotonic()
+                    self.bridge.archive()
                 if self.bridge.snapshot_due():
                     healthy = self.bridge.store.healthy
                     self.bridge.snapshot()
@@ -3405,9 +3498,137 @@ class Flusher(threading.Thread):
 # ===== Entry =====
 
 
-def configure_logging(level):
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object a line, for log shippers; request lines carry an "http" object."""
+
+    def format(self, record):
+        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "msg": record.getMessage()}
+        if hasattr(record, "http"):
+            entry["http"] = record.http
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level, log_format="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        formatter = JsonLogFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def sd_notify(message):
+    """Tell systemd (Type=notify) about our state through $NOTIFY_SOCKET; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]      # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+        return True
+    except OSError as exc:
+        log.debug("cannot notify systemd: %s", exc)
+        return False
+
+
+def watchdog_interval():
+    """How often to feed systemd's watchdog (half of WatchdogSec), or None when it is not on."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def restore(config, src):
+    """restore SRC: replace the state in the data dir with the one in SRC (checked first). Refuses while a
+    bridge holds the data dir; keeps the replaced files in before-restore-<time>/."""
+    src, data_dir = os.path.abspath(src), os.path.abspath(config.data_dir)
+    if not os.path.isdir(src):
+        raise StorageError(f"there is no backup at {src}")
+    if src == data_dir:
+        raise StorageError("the backup and the data directory are the same directory")
+    doc, _ = load_data(src, build=lambda doc: State.from_doc(doc) and doc)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    lock = DirLock(data_dir)
+    lock.acquire()
+    try:
+        snapshots, segments = list_data_files(data_dir)
+        archives = [n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n)]
+        if snapshots or segments or archives:
+            aside = os.path.join(data_dir, f"before-restore-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(aside, mode=0o700)
+            for name in [n for _, n in snapshots + segments] + archives:
+                os.replace(os.path.join(data_dir, name), os.path.join(aside, name))
+            fsync_dir(data_dir)
+            print(f"the replaced files are kept in {aside}")
+        copy_archives(src, data_dir)
+        doc["origin"] = "backup"    # the next start raises epochs past the lost bridge's
+        atomic_write(os.path.join(data_dir, f"snapshot-{doc['seq']:012d}.json"), snapshot_chunks(doc))
+    finally:
+        lock.release()
+    print(f"restored {len(doc['agents'])} agents and {len(doc['tasks'])} tasks into {data_dir}; start the "
+          "bridge to use them")
+    return 0
+
+
+def check(config):
+    """check: read the data dir as a start would, without changing it; report what it holds and any problem.
+    Returns 0 when it is sound, 1 otherwise."""
+    data_dir = os.path.abspath(config.data_dir)
+    if not os.path.isdir(data_dir):
+        print(f"problem: there is no data directory at {data_dir}")
+        return 1
+    snapshots, segments = list_data_files(data_dir)
+    try:
+        state, info = load_data(data_dir, build=State.from_doc)
+    except StorageError as exc:
+        print(f"problem: {exc}")
+        return 1
+    in_use = False
+    probe = DirLock(data_dir)
+    try:
+        probe.acquire()
+        probe.release()
+    except StorageError:
+        in_use = True
+    lanes = collections.Counter(t.lane for t in state.tasks.values())
+    archives = sorted(n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n))
+    print(f"data dir     {data_dir}{' (in use by a running bridge)' if in_use else ''}")
+    print(f"snapshots    {', '.join(n for _, n in snapshots) or 'none'}")
+    print(f"journal      {len(segments)} segment(s), up to record {info['seq']}")
+    print(f"agents       {len(state.agents)} ({sum(a.status == 'online' for a in state.agents.values())} online)")
+    print(f"instances    {len(state.instances)}")
+    print(f"tasks        {len(state.tasks)} in memory: "
+          + (", ".join(f"{lane} {lanes[lane]}" for lane in LANES if lanes[lane]) or "none"))
+    print(f"archives     {', '.join(archives) or 'none'}")
+    print(f"notifications {len(state.notifications)}, audit entries {len(state.audit)}")
+    problems = [p for p in info["problems"] if not (in_use and "torn record" in p)]
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("sound" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def healthcheck(config):
+    """--healthcheck: 0 when the bridge at BRIDGE_HOST:BRIDGE_PORT says it is healthy, 1 otherwise."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            healthy = json.loads(reply.read() or b"{}").get("status") == "ok"
+    except (OSError, ValueError) as exc:
+        print(f"clawbridge: unhealthy: {getattr(exc, 'code', None) or exc}", file=sys.stderr)
+        return 1
+    print("clawbridge: healthy" if healthy else "clawbridge: unhealthy", file=sys.stderr)
+    return 0 if healthy else 1
 
 
 def serve(config, ready=None):
@@ -3433,15 +3654,21 @@ def serve(config, ready=None):
     host, port = server.server_address[:2]
     log.info("🌉 Bridge running on http://%s:%s (data in %s, version %s)", host, port, bridge.store.data_dir,
              __version__)
+    sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}")
     if ready:
         ready(server)
+    feed_every, fed = watchdog_interval(), time.monotonic()
     while not stop.wait(0.5):
-        pass
+        if feed_every and time.monotonic() - fed >= feed_every and bridge.alive():
+            sd_notify("WATCHDOG=1")     # only while the watchdog thread sweeps and storage is writable
+            fed = time.monotonic()
+    sd_notify("STOPPING=1")
     log.info("stopping: finishing requests in flight")
     server.shutdown()
     server.wait_idle(SHUTDOWN_GRACE)
     server.server_close()
     bridge.close()
+    bridge.alerts.flush(2.0)
     log.info("stopped cleanly")
     return 0
 
@@ -3463,16 +3690,22 @@ def main(argv=None):
     except OSError as exc:
         print(f"clawbridge: cannot read the settings file {env_file}: {exc.strerror}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     if getattr(args, "print_config", False):
         print(config.redacted())
         return 0
+    if getattr(args, "healthcheck", False):
+        return healthcheck(config)
     try:
         if command == "backup":
             doc = backup_data(config.data_dir, args.dest, build=lambda doc: State.from_doc(doc) and doc)
             print(f"backup written to {args.dest}: {len(doc['agents'])} agents, {len(doc['tasks'])} tasks, "
                   f"journal record {doc['seq']}")
             return 0
+        if command == "restore":
+            return restore(config, args.src)
+        if command == "check":
+            return check(config)
         return serve(config)
     except StorageError as exc:
         log.error("%s", exc)
