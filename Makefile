@@ -4,6 +4,9 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR = $(DESTDIR)$(PREFIX)/bin
 UNITDIR = $(DESTDIR)$(PREFIX)/lib/systemd/system
+USERUNITDIR = $(DESTDIR)$(PREFIX)/lib/systemd/user
+UNITS = $(wildcard systemd/*.service systemd/*.timer)
+AGENT_UNITS = $(wildcard systemd/clawagent-*)
 
 .PHONY: help run test pytest lint bench install uninstall clean
 
@@ -25,18 +28,22 @@ lint: pytest  ## syntax check, and the tests that both programs are Python 3.9 a
 	$(PYTHON) -m py_compile clawbridge.py clawagent.py
 	$(PYTHON) -m pytest -q tests/test_cli.py -k "standard_library or python_3_9"
 
-bench:  ## performance benchmarks (tests/bench), ratios against a bare http.server
-	@for script in tests/bench/*.py; do echo "== $$script"; $(PYTHON) "$$script" || exit 1; done
+bench:  ## performance benchmarks (tests/bench), ratios against a bare http.server, table with PASS/FAIL
+	$(PYTHON) tests/bench/run.py
 
 install:  ## install both programs and the systemd units under PREFIX (DESTDIR for staging)
-	install -d $(BINDIR) $(UNITDIR)
+	install -d $(BINDIR) $(UNITDIR) $(USERUNITDIR)
 	install -m 0755 clawbridge.py $(BINDIR)/clawbridge.py
 	install -m 0755 clawagent.py $(BINDIR)/clawagent.py
-	for unit in systemd/*.service systemd/*.timer; do [ -e "$$unit" ] && install -m 0644 "$$unit" $(UNITDIR)/; done; true
+	for unit in $(UNITS); do \
+	  sed 's#/usr/local/bin/#$(PREFIX)/bin/#g' "$$unit" > $(UNITDIR)/$$(basename $$unit) || exit 1; \
+	  chmod 0644 $(UNITDIR)/$$(basename $$unit); \
+	done
+	for unit in $(AGENT_UNITS); do cp $(UNITDIR)/$$(basename $$unit) $(USERUNITDIR)/ || exit 1; done
 
 uninstall:  ## remove what install put in place
 	rm -f $(BINDIR)/clawbridge.py $(BINDIR)/clawagent.py
-	for unit in systemd/*.service systemd/*.timer; do [ -e "$$unit" ] && rm -f $(UNITDIR)/$$(basename $$unit); done; true
+	for unit in $(UNITS); do rm -f $(UNITDIR)/$$(basename $$unit) $(USERUNITDIR)/$$(basename $$unit); done
 
 clean:  ## remove caches and the local data dir of `make run`
-	rm -rf .pytest_cache tests/__pycache__ __pycache__ .clawhub
+	rm -rf .pytest_cache tests/__pycache__ tests/bench/__pycache__ __pycache__ .clawhub

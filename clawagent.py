@@ -67,6 +67,7 @@ CRON_BEGIN = "# BEGIN clawagent heartbeats (managed by clawagent.py setup-heartb
 CRON_END = "# END clawagent heartbeats"
 CRON_STEPS = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)    # minute steps that divide the hour evenly
 UNIT_PREFIX = "clawagent-heartbeat-"
+TEMPLATE_PREFIX = "clawagent-heartbeat@"   # the shipped systemd/clawagent-heartbeat@.timer
 
 ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 TAILSCALE_NETWORK = "100.64.0.0/10"     # the CGNAT range Tailscale hands out addresses from
@@ -1103,10 +1104,30 @@ def installed_timers(environ):
             if n.startswith(UNIT_PREFIX) and n.endswith(".timer")}
 
 
+def enabled_template_timers(environ):
+    """{agent id: link} of the shipped clawagent-heartbeat@<id>.timer enabled system-wide or for this user."""
+    found = {}
+    for directory in ("/etc/systemd/system/timers.target.wants",
+                      os.path.join(systemd_dir(environ), "timers.target.wants")):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(TEMPLATE_PREFIX) and name.endswith(".timer"):
+                found[name[len(TEMPLATE_PREFIX):-len(".timer")]] = os.path.join(directory, name)
+    return found
+
+
+def scheduled_timers(environ):
+    """Every heartbeat timer that runs an agent: those setup-heartbeats wrote and the enabled templates."""
+    return {**enabled_template_timers(environ), **installed_timers(environ)}
+
+
 def list_heartbeats(environ):
     import shutil
     entries = split_crontab(read_crontab())[1] if shutil.which("crontab") else {}
-    timers = installed_timers(environ)
+    timers = scheduled_timers(environ)
     for agent_id, line in entries.items():
         print(f"{agent_id}  cron  {line}")
     for agent_id, path in timers.items():
@@ -1320,7 +1341,7 @@ def schedule_check(environ, agent_id):
             return False, f"heartbeat scheduled: cannot read the crontab ({exc})", fix
         if line:
             return True, f"heartbeat scheduled: cron line {' '.join(line.split()[:5])}", fix
-    timer = installed_timers(environ).get(agent_id)
+    timer = scheduled_timers(environ).get(agent_id)
     if timer:
         return True, f"heartbeat scheduled: systemd timer {timer}", fix
     pids = running_schedulers()

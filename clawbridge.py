@@ -40,6 +40,7 @@ import collections
 import dataclasses
 import email.utils
 import errno
+import faulthandler
 import fcntl
 import hashlib
 import hmac
@@ -3674,6 +3675,7 @@ def serve(config, ready=None):
 
 
 def main(argv=None):
+    faulthandler.enable()   # a hang killed by systemd's watchdog (SIGABRT) leaves every thread's stack in the log
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ)
     pre = build_parser().parse_args(argv)

@@ -583,3 +583,14 @@ def test_importing_has_no_side_effects(tmp_path):
                           env=machine.env, cwd=machine.work, capture_output=True, text=True, timeout=20)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     assert list(machine.home.iterdir()) == [] and list(machine.work.iterdir()) == []
+
+
+def test_doctor_sees_an_enabled_template_timer(bridge, machine):
+    """An agent run by the shipped systemd/clawagent-heartbeat@.timer counts as scheduled."""
+    ok(machine.run("register", "--agent", "dev-1"))
+    assert "FAIL  heartbeat scheduled" in fails(machine.run("doctor", "--agent", "dev-1"), 1).stdout
+    wants = machine.home / ".config" / "systemd" / "user" / "timers.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "clawagent-heartbeat@dev-1.timer").symlink_to("/dev/null")
+    report = ok(machine.run("doctor", "--agent", "dev-1")).stdout
+    assert "ok    heartbeat scheduled: systemd timer" in report and "clawagent-heartbeat@dev-1.timer" in report

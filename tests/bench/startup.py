@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Benchmark 3, start-up and memory: a bridge restarting on 10k agents (100 instances) and 100k tasks.
+
+The data dir holds a snapshot (10k agents at 3 tasks each, 30k active tasks, 10% of the rest queued, 5%
+cancelled, the rest done; one unread notification per agent) plus a long journal after it: JOURNAL records
+that each update one task (a put of the whole task, as the bridge journals it). A bridge snapshots every
+SNAPSHOT_EVERY_CHANGES (10,000) records, so 50,000 records is what a bridge leaves when its snapshots have
+failed or it was killed while writing several; a second figure restarts on a 10,000-record journal.
+
+Start-up is the wall time from starting `python3 clawbridge.py --port 0 --data-dir DIR` to its "Bridge
+running" log line, and to GET /health answering 200 (the median of RESTARTS starts, each on a fresh copy of
+the data dir and stopped with SIGKILL so that it leaves the files as they were). Peak RSS is VmHWM after
+start-up. RSS while serving is the largest VmRSS sampled while 8 connections send heartbeats of random
+agents, task updates, task reads and agent task lists, then a POST /api/sync (a full snapshot) and more of
+the same.
+
+Run through tests/bench/run.py (--only startup); this file does nothing on its own."""
+import random
+import shutil
+import tempfile
+import threading
+import time
+
+import benchlib as B
+
+AGENTS, INSTANCES, TASKS = 10_000, 100, 100_000
+JOURNAL = 50_000
+SHORT_JOURNAL = 10_000
+STARTUP_TARGET = 1.5        # seconds
+RSS_TARGET = 150            # MB while serving
+
+
+def journal_records(fleet, count, seed=7):
+    """count records, each an update of one random task (new title, version and history entry)."""
+    rng = random.Random(seed)
+    tasks = {t.id: t for t in fleet.tasks}
+    ids = list(tasks)
+    last_id = fleet.meta["lastId"]
+    records = []
+    for n in range(count):
+        task = tasks[rng.choice(ids)]
+        at = last_id + n
+        task = task._replace(title=f"{task.title} (edited {n})", version=task.version + 1, updatedAt=at,
+                             history=task.history[-49:] + ((at, "updated", "api", "title"),))
+        tasks[task.id] = task
+        records.append({"ops": [["put", "tasks", task._asdict()]], "meta": {"lastId": at}})
+    return records
+
+
+def start_once(data_dir, tmp, name):
+    """Start a bridge on a copy of data_dir. Returns (bridge, seconds to the log line, seconds to /health)."""
+    copy = f"{tmp}/{name}"
+    shutil.copytree(data_dir, copy)
+    bridge = B.start_bridge(copy, tmp, name=name)
+    health = bridge.startup + B.wait_healthy(bridge.port)
+    return bridge, bridge.startup, health
+
+
+def serving_load(bridge, fleet, seconds):
+    rng = random.Random(3)
+    requests = []
+    for n in range(2000):
+        agent = fleet.agents[rng.randrange(len(fleet.agents))]
+        task = fleet.tasks[rng.randrange(len(fleet.tasks))]
+        kind = n % 8
+        if kind < 5:
+            body = {"heartbeatInterval": agent.heartbeatInterval, "hostname": agent.hostname,
+                    "instanceId": agent.instanceId, "tasks": []}
+            requests.append(B.build_request("POST", f"/api/agents/{agent.id}/heartbeat", body))
+        elif kind == 5:
+            requests.append(B.build_request("PUT", f"/api/tasks/{task.id}", {"title": f"serving {n}"}))
+        elif kind == 6:
+            requests.append(B.build_request("GET", f"/api/tasks/{task.id}"))
+        else:
+            requests.append(B.build_request("GET", f"/api/agents/{agent.id}/tasks"))
+    return B.load(bridge.port, requests, 8, seconds, warmup=0.2)
+
+
+def run(workdir=None, quick=False):
+    restarts = 1 if quick else 3
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="startup-", dir=workdir) as tmp:
+        t0 = time.monotonic()
+        fleet = B.make_fleet(AGENTS, INSTANCES, TASKS, notes_per_agent=1)
+        records = journal_records(fleet, JOURNAL)
+        sizes = B.write_fleet(f"{tmp}/long", fleet, seq=500_000, journal=records)
+        B.write_fleet(f"{tmp}/short", fleet, seq=500_000, journal=records[:SHORT_JOURNAL])
+        B.say(f"startup: data written in {time.monotonic() - t0:.1f}s (snapshot {sizes[0] / 1e6:.0f} MB, "
+              f"journal {sizes[1] / 1e6:.0f} MB)")
+        del records
+
+        def starts(source, label):
+            lines, healths, peaks = [], [], []
+            for n in range(restarts):
+                bridge, line, health = start_once(f"{tmp}/{source}", tmp, f"{source}-{n}")
+                peaks.append(bridge.memory().get("VmHWM", 0) / 1024)
+                B.say(f"startup: {label}: running after {line:.2f}s, /health after {health:.2f}s, "
+                      f"peak RSS {peaks[-1]:.0f} MB")
+                lines.append(line)
+                healths.append(health)
+                if n + 1 < restarts or source != "long":
+                    bridge.kill()
+                    shutil.rmtree(f"{tmp}/{source}-{n}")
+            return bridge, B.median(lines), B.median(healths), max(peaks)
+
+        _, line, health, peak = starts("short", f"{SHORT_JOURNAL // 1000}k-record journal")
+        rows.append(B.Row(f"3 start-up, 10k agents / 100k tasks + {SHORT_JOURNAL // 1000}k-record journal",
+                          f"{health:.2f} s to /health ({line:.2f} s to 'Bridge running'); peak RSS {peak:.0f} MB",
+                          f"< {STARTUP_TARGET} s", B.check(health < STARTUP_TARGET)))
+        bridge, line, health, peak = starts("long", f"{JOURNAL // 1000}k-record journal")
+        try:
+            rows.append(B.Row(f"3 start-up, 10k agents / 100k tasks + {JOURNAL // 1000}k-record journal",
+                              f"{health:.2f} s to /health ({line:.2f} s to 'Bridge running')",
+                              f"< {STARTUP_TARGET} s", B.check(health < STARTUP_TARGET)))
+            rows.append(B.Row("3 peak RSS during that start-up", f"{peak:.0f} MB (VmHWM)", "(reported)", "INFO"))
+            samples = []
+            stop = threading.Event()
+
+            def sample():
+                while not stop.wait(0.05):
+                    samples.append(bridge.memory().get("VmRSS", 0) / 1024)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                first = serving_load(bridge, fleet, 1.0 if quick else 2.0)
+                sync_started = time.perf_counter()
+                status, reply = bridge.call("POST", "/api/sync", {})
+                sync_seconds = time.perf_counter() - sync_started
+                if status != 200:
+                    raise RuntimeError(f"POST /api/sync answered {status}: {reply}")
+                second = serving_load(bridge, fleet, 1.0 if quick else 2.0)
+            finally:
+                stop.set()
+                sampler.join()
+            served = B.merge([first, second])
+            if served.errors:
+                raise RuntimeError(f"serving: {served.errors} errors {served.statuses}")
+            rss = max(samples)
+            final = bridge.memory()
+            B.say(f"startup: serving {served.rps:,.0f} req/s, p99 {served.p99:.1f} ms; POST /api/sync (snapshot) "
+                  f"took {sync_seconds:.2f}s; RSS max {rss:.0f} MB, now {final.get('VmRSS', 0) / 1024:.0f} MB, "
+                  f"peak {final.get('VmHWM', 0) / 1024:.0f} MB")
+            rows.append(B.Row("3 RSS while serving 10k agents / 100k tasks",
+                              f"{rss:.0f} MB max VmRSS ({served.rps:,.0f} req/s mixed, a snapshot included)",
+                              f"< {RSS_TARGET} MB", B.check(rss < RSS_TARGET)))
+            if "Traceback" in bridge.output():
+                raise RuntimeError("the bridge logged a traceback:\n" + bridge.output()[-2000:])
+        finally:
+            bridge.kill()
+    return rows
+
+
+if __name__ == "__main__":
+    print("startup.py is one of the benchmarks; run: python3 tests/bench/run.py --only startup")
