@@ -1793,6 +1793,8 @@ def assign_queued(state, now, only=None, exclude=None):
     the tasks assigned."""
     pool = Candidates(state, now, exclude)
     done = []
+    if not pool:
+        return done         # nobody has room: do not walk the queue
     for task_id in (only if only is not None else queue_order(state)):
         if not pool:
             break
@@ -2008,7 +2010,7 @@ def assignable(state, agent_id, force):
 
 def update_task(state, now, task_id, payload, if_match=None):
     """PUT: a partial update. assignedTo reassigns (new epoch, both agents told); lane moves the task."""
-    task = get_task(state, task_id)
+    task = before = get_task(state, task_id)
     if if_match is not None and if_match.strip() != "*" and if_match.strip() != etag(task):
         raise BridgeError(412, "precondition_failed",
                           "The task changed since you read it (If-Match does not match its ETag); read it again.")
@@ -2054,8 +2056,10 @@ def update_task(state, now, task_id, payload, if_match=None):
         task = requeue(state, now, task, "unassigned", "api")
     if lane and lane != task.lane:
         task = move_lane(state, now, task, lane, "api")
-    if task.lane == "queued" or task.lane in FINISHED_LANES:
-        assign_queued(state, now, only=[task.id] if task.lane == "queued" else None)
+    if task.lane == "queued":
+        assign_queued(state, now, only=[task.id])
+    elif task.lane in FINISHED_LANES and before.lane in ACTIVE_LANES:
+        assign_queued(state, now)       # its agent has room again
     return render_task(state, state.tasks[task.id])
 
 
@@ -2925,7 +2929,11 @@ def build_openapi():
 
 
 def split_path(path):
-    return [urllib.parse.unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
+    path = path.strip("/")
+    if not path:
+        return []
+    parts = path.split("/")
+    return [urllib.parse.unquote(part) for part in parts] if "%" in path else parts
 
 
 class Route(NamedTuple):
@@ -2935,7 +2943,15 @@ class Route(NamedTuple):
     pattern: str    # the route's label in /metrics
 
 
-ROUTE_TABLE = [(method, split_path(pattern), handler, rule, pattern) for method, pattern, handler, rule in ROUTES]
+def route_table(routes):
+    """ROUTES grouped by their number of path segments, so a request is matched against few rows."""
+    table = collections.defaultdict(list)
+    for method, pattern, handler, rule in routes:
+        table[len(split_path(pattern))].append((method, split_path(pattern), handler, rule, pattern))
+    return table
+
+
+ROUTE_TABLE = route_table(ROUTES)
 OPENAPI = build_openapi()
 
 
@@ -2944,9 +2960,7 @@ def resolve(method, path):
     (/api/agents/register before /api/agents/{id}); a matching path with another method is 405."""
     parts = split_path(path)
     best, best_rank = [], None
-    for row_method, pattern, handler, rule, label in ROUTE_TABLE:
-        if len(pattern) != len(parts):
-            continue
+    for row_method, pattern, handler, rule, label in ROUTE_TABLE.get(len(parts), ()):
         params = {}
         for want, got in zip(pattern, parts):
             if want.startswith("{"):
@@ -3096,6 +3110,17 @@ def redact(text, config):
 AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
 
 
+_date_cache = [0, ""]
+
+
+def http_date():
+    """The Date header, formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
 def response_bytes(status, body, headers, close=False, head_only=False):
     """A whole HTTP/1.1 response, to be written in one send: a JSON body, or bytes as they are (with their
     Content-Type in headers)."""
@@ -3110,7 +3135,7 @@ def response_bytes(status, body, headers, close=False, head_only=False):
             payload = json.dumps(body, separators=(",", ":")).encode()
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
              f"Server: clawbridge/{__version__}",
-             f"Date: {email.utils.formatdate(usegmt=True)}",
+             f"Date: {http_date()}",
              f"Content-Type: {content_type}",
              f"Content-Length: {len(payload)}"]
     lines.extend(f"{k}: {v}" for k, v in headers.items())
