@@ -1968,11 +1968,12 @@ def get_task(state, task_id):
 def create_task(state, now, payload):
     """A new task: assigned at once to the given agent or the best eligible one, else queued."""
     title = get_str(payload, "title", required=True).strip()
+    instance, preferred = get_optional_id(payload, "instanceId"), get_optional_id(payload, "preferredInstance")
     task = Task(
         id=state.next_id("task", now), title=title,
         description=get_str(payload, "description", limit=MAX_TEXT, default=""),
         roles=get_words(payload, "roles", MAX_ROLES), priority=get_priority(payload, DEFAULT_PRIORITY),
-        preferredInstance=get_optional_id(payload, "instanceId") or get_optional_id(payload, "preferredInstance"),
+        preferredInstance=instance or preferred,
         tags=get_words(payload, "tags", MAX_TAGS), createdAt=now.ms, updatedAt=now.ms,
         history=((now.ms, "created", None, None),))
     task = task._replace(queuedAt=state.tick(now))
@@ -2011,9 +2012,6 @@ def assignable(state, agent_id, force):
 def update_task(state, now, task_id, payload, if_match=None):
     """PUT: a partial update. assignedTo reassigns (new epoch, both agents told); lane moves the task."""
     task = before = get_task(state, task_id)
-    if if_match is not None and if_match.strip() != "*" and if_match.strip() != etag(task):
-        raise BridgeError(412, "precondition_failed",
-                          "The task changed since you read it (If-Match does not match its ETag); read it again.")
     changes = {}
     if "title" in payload:
         changes["title"] = get_str(payload, "title", required=True).strip()
@@ -2026,12 +2024,15 @@ def update_task(state, now, task_id, payload, if_match=None):
     if "priority" in payload:
         changes["priority"] = get_priority(payload, task.priority)
     if "instanceId" in payload or "preferredInstance" in payload:
-        changes["preferredInstance"] = get_optional_id(payload, "preferredInstance" if "preferredInstance"
-                                                       in payload else "instanceId")
+        instance, preferred = get_optional_id(payload, "instanceId"), get_optional_id(payload, "preferredInstance")
+        changes["preferredInstance"] = preferred if "preferredInstance" in payload else instance
     lane = get_lane(payload)
     force = get_bool(payload, "force")
     reassign = "assignedTo" in payload
     target = get_optional_id(payload, "assignedTo") if reassign else None
+    if if_match is not None and if_match.strip() != "*" and if_match.strip() != etag(task):
+        raise BridgeError(412, "precondition_failed",
+                          "The task changed since you read it (If-Match does not match its ETag); read it again.")
     owner = target if reassign else task.assignedTo
     if lane in ACTIVE_LANES and owner is None:
         raise bad_request(f"lane '{lane}' needs an assignee; give 'assignedTo' too", "lane")
@@ -2110,6 +2111,8 @@ def agent_verb(state, now, task_id, verb, payload, actor=None):
     if epoch is None:
         raise bad_request("'epoch' is required: send the epoch you were given with the task", "epoch",
                           code="missing_field")
+    reason, note, force = (get_str(payload, "reason", limit=MAX_TEXT), get_str(payload, "note", limit=MAX_TEXT),
+                           get_bool(payload, "force"))
     agent = get_agent(state, agent_id)
     allowed, target = VERBS[verb]
     claiming_queue = verb == "claim" and task.lane == "queued"
@@ -2121,9 +2124,9 @@ def agent_verb(state, now, task_id, verb, payload, actor=None):
     if task.lane not in allowed:
         raise conflict("invalid_transition", f"Task {task.id} is {task.lane}; '{verb}' does not apply.",
                        currentAssignee=owner, currentEpoch=task.epoch, lane=task.lane)
-    note = get_str(payload, "reason", limit=MAX_TEXT) or get_str(payload, "note", limit=MAX_TEXT)
+    note = reason or note
     if claiming_queue:
-        if not eligible(state, agent) and not get_bool(payload, "force"):
+        if not eligible(state, agent) and not force:
             raise conflict("agent_full", f"Agent {agent_id} cannot take more work now (offline, drained or "
                            "at maxConcurrentTasks).", agent=agent_id)
         task = assign(state, now, task, agent, by=agent_id)
@@ -2560,9 +2563,15 @@ def h_notification_read(bridge, req):
 
 
 def h_sync(bridge, req):
-    force = get_bool(req.body or {}, "force") or query_bool(req.query, "force")
+    body_force, query_force = get_bool(req.body or {}, "force"), query_bool(req.query, "force")
+    force = body_force or query_force
     report = run_audited(bridge, req, "sync.force", sync, True) if force else bridge.run(sync, False)
-    report["snapshotSeq"] = bridge.snapshot()
+    try:
+        report["snapshotSeq"] = bridge.snapshot()
+    except OSError:
+        log.exception("POST /api/sync: cannot write the snapshot")
+        raise BridgeError(503, "storage_unavailable", "The sweep ran but the snapshot could not be written; "
+                          "check the bridge log and free disk space, then retry.") from None
     return 200, {"success": True, **report}
 
 
@@ -2737,20 +2746,28 @@ def array(items, limit=None):
 def text(limit=MAX_NAME, nonblank=False):
     schema = {"type": "string", "maxLength": limit}
     if nonblank:
-        schema["pattern"] = r"\S"
+        schema["pattern"] = r"[^\s\x1c-\x1f\x85]"     # what str.strip() leaves
     return schema
 
 
 ID_SCHEMA = {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"}
 INT, NUM, BOOL, STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
 MS = {"type": "integer", "description": "Unix epoch milliseconds"}
-WORDS = {"anyOf": [array({"type": "string", "maxLength": 64}, MAX_ROLES), {"type": "string"}, {"type": "null"}]}
+WORDS = {"anyOf": [array({"type": "string", "maxLength": 64}, MAX_ROLES),
+                   {"type": "string", "pattern": f"^[^,]{{0,64}}(,[^,]{{0,64}}){{0,{MAX_ROLES - 1}}}$"},
+                   {"type": "null"}]}
 IP = {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"},
                 {"type": "string", "maxLength": 0}, {"type": "null"}]}
 LANE_NAMES = {"type": "string", "enum": list(LANES) + list(LANE_ALIASES)}
 INTERVAL = nullable({"type": "integer", "minimum": MIN_INTERVAL_MS, "maximum": MAX_INTERVAL_MS})
 EPOCH = {"type": "integer", "minimum": 0, "maximum": 2 ** 53}
-BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no", ""]}
+BOOL_TEXT = {"type": "string", "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo]|1|0)?$"}
+EMPTY = {"type": "string", "maxLength": 0}      # ?limit= and the like: the same as leaving the parameter out
+
+
+def or_empty(schema):
+    return {"anyOf": [schema, EMPTY]}
+
 
 SCHEMAS = {
     "Error": obj(["error"], error=obj(["code", "message"], code=STR, message=STR, field=STR),
@@ -2816,12 +2833,12 @@ INSTANCE_VIEW = obj(["instanceId", "status", "agentCount"], **SCHEMAS["Capacity"
 # per operation: (summary, request body schema or None, body required, success status, reply schema, query)
 QUERY = {
     "agents": {"instanceId": STR, "role": STR, "status": {"type": "string", "enum": ["online", "offline"]}},
-    "tasks": {"archived": BOOL_TEXT, "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-              "offset": {"type": "integer", "minimum": 0, "maximum": 2 ** 31}, "assignedTo": STR, "instanceId": STR,
-              "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)}, "role": STR},
-    "notes": {"agentId": ID_SCHEMA, "unread": BOOL_TEXT},
+    "tasks": {"archived": BOOL_TEXT, "limit": or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+              "offset": or_empty({"type": "integer", "minimum": 0, "maximum": 2 ** 31}), "assignedTo": STR,
+              "instanceId": STR, "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)}, "role": STR},
+    "notes": {"agentId": or_empty(ID_SCHEMA), "unread": BOOL_TEXT},
     "unread": {"unread": BOOL_TEXT},
-    "limit": {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+    "limit": {"limit": or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE})},
     "force": {"force": BOOL_TEXT},
 }
 OPERATIONS = {
@@ -2887,6 +2904,8 @@ def error_statuses(method, pattern, rule, body_required):
         codes.add(409)
     if method == "PUT" and pattern == "/api/tasks/{id}":
         codes.add(412)
+    if pattern == "/api/agents/{id}":
+        codes.add(405)      # /api/agents/register is POST only
     return sorted(codes)
 
 
@@ -2902,7 +2921,9 @@ def build_openapi():
             operation["responses"]["200"] = operation["responses"]["201"]
         if rule == "open":
             operation["security"] = []
-        parameters = [{"name": "id", "in": "path", "required": True, "schema": ID_SCHEMA}] if "{id}" in pattern else []
+        reserved = RESERVED_IDS.get(pattern.split("/")[2]) if pattern.startswith("/api/") else None
+        id_schema = {**ID_SCHEMA, "not": {"enum": sorted(reserved)}} if reserved else ID_SCHEMA
+        parameters = [{"name": "id", "in": "path", "required": True, "schema": id_schema}] if "{id}" in pattern else []
         parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
                        for name, schema in query.items()]
         if method == "PUT" and pattern == "/api/tasks/{id}":
@@ -2915,6 +2936,10 @@ def build_openapi():
         for code in error_statuses(method, pattern, rule, body_required):
             operation["responses"][str(code)] = {"description": http.HTTPStatus(code).phrase,
                                                  "content": {"application/json": {"schema": ref("Error")}}}
+        if pattern == "/health":
+            operation["responses"]["503"] = {
+                "description": "Storage unavailable (degraded), or the connection limit was reached (busy)",
+                "content": {"application/json": {"schema": {"anyOf": [ref("Health"), ref("Error")]}}}}
         paths.setdefault(pattern, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -2986,6 +3011,8 @@ def resolve(method, path):
 
 def require_body(req):
     if req.body is None:
+        if req.headers.get("Content-Length") is not None:
+            raise bad_request("This request needs a JSON object body; the body was empty.", code="missing_body")
         raise BridgeError(411, "length_required",
                           "This request needs a JSON body with a Content-Length header.")
     return req.body

@@ -880,11 +880,11 @@ def test_body_without_content_length_is_411(live, method, path):
 
 
 def test_chunked_body_is_411(live):
+    """The whole request goes in one write: the bridge answers 411 and closes without reading the body."""
     body = b'{"title": "x"}'
-    chunked = [b"%x\r\n%s\r\n" % (len(body), body), b"0\r\n\r\n"]
-    status, headers, data = send_head_only(live.port, "POST", "/api/tasks",
-                                           {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
-                                           chunked)
+    request = (b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    status, headers, data = raw_exchange(live.port, request)
     check_error(live, status, headers, data, 411)
 
 
