@@ -520,36 +520,32 @@ def read_snapshot(path):
     return doc
 
 
-def read_segment(path, expect_seq):
-    """Journal records of one segment from expect_seq on, and whether the segment ended with a torn line.
-    A torn or unreadable line is allowed only as the last one (a crash mid-append, never acknowledged)."""
-    records, torn_at = [], None
+def read_segment(path, expect_seq, apply):
+    """Apply the journal records of one segment from expect_seq on, reading it a line at a time. Returns the
+    next expected seq and the offset of a torn last line (or None). A torn or unreadable line is allowed only
+    as the last one (a crash mid-append, never acknowledged)."""
+    torn_at, offset = None, 0
     with open(path, "rb") as f:
-        data = f.read()
-    offset = 0
-    for line in data.splitlines(keepends=True):
-        if torn_at is not None:
-            raise StorageError(f"{path} has a damaged record at byte {torn_at} followed by more records; "
-                               "restore from a backup or move the file away")
-        record = None
-        if line.endswith(b"\n"):
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                record = None
-        if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
-            torn_at = offset
+        for line in f:
+            if torn_at is not None:
+                raise StorageError(f"{path} has a damaged record at byte {torn_at} followed by more records; "
+                                   "restore from a backup or move the file away")
+            record = None
+            if line.endswith(b"\n"):
+                try:
+                    record = json.loads(line)
+                except (ValueError, UnicodeDecodeError):
+                    record = None
+            if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+                torn_at = offset
+            elif record["seq"] >= expect_seq:
+                if record["seq"] != expect_seq:
+                    raise StorageError(f"{path} jumps from record {expect_seq - 1} to {record['seq']}; records "
+                                       "are missing. Restore from a backup.")
+                apply(record)
+                expect_seq += 1
             offset += len(line)
-            continue
-        offset += len(line)
-        if record["seq"] < expect_seq:
-            continue
-        if record["seq"] != expect_seq:
-            raise StorageError(f"{path} jumps from record {expect_seq - 1} to {record['seq']}; records are "
-                               "missing. Restore from a backup.")
-        records.append(record)
-        expect_seq += 1
-    return records, torn_at
+    return expect_seq, torn_at
 
 
 def apply_record(index, meta, record):
@@ -618,10 +614,8 @@ def replay(data_dir, doc, segments, repair):
         path = os.path.join(data_dir, name)
         if first > seq + 1:
             raise StorageError(f"{path} starts at record {first} but record {seq + 1} is missing")
-        records, torn_at = read_segment(path, seq + 1)
-        for record in records:
-            apply_record(index, meta, record)
-        seq += len(records)
+        seq, torn_at = read_segment(path, seq + 1, lambda record: apply_record(index, meta, record))
+        seq -= 1
         if torn_at is not None:
             problems.append(f"{path} ends with a torn record at byte {torn_at} (an interrupted write, never "
                             "acknowledged; cut off at the next start)")
@@ -1006,13 +1000,25 @@ ENTITY_NAMES = {"agents": "agent", "instances": "instance", "tasks": "task", "no
 TUPLE_FIELDS = {"roles", "tags"}
 
 
+SHARED_FIELDS = ("lane", "priority", "assignedTo", "preferredInstance", "agentId", "instanceId", "status", "type")
+
+
+def shared(value):
+    """One copy of a string that many entities repeat (lanes, agent ids, event names): a large state loaded
+    from disk would otherwise hold a fresh copy in every entity."""
+    return sys.intern(value) if type(value) is str else value
+
+
 def entity_from_json(cls, item):
     """Build an entity from its stored JSON, tolerating fields added or dropped between versions."""
     values = {f: item[f] for f in cls._fields if f in item}
+    for f in SHARED_FIELDS:
+        if f in values:
+            values[f] = shared(values[f])
     for f in TUPLE_FIELDS.intersection(values):
-        values[f] = tuple(values[f])
+        values[f] = tuple(shared(v) for v in values[f])
     if "history" in values:
-        values["history"] = tuple(tuple(entry) for entry in values["history"])
+        values["history"] = tuple((at, shared(event), shared(by), note) for at, event, by, note in values["history"])
     return cls(**values)
 
 
@@ -1672,14 +1678,10 @@ def heartbeat_reply(state, now, agent_id, held):
         "success": True,
         "agent": render_agent(state, agent),
         "tasks": [render_task(state, state.tasks[t]) for t in state.active.get(agent_id, ())],
-        "notifications": unread_notifications(state, agent_id, HEARTBEAT_NOTIFICATIONS),
+        "notifications": notifications_for(state, agent_id, unread=True, limit=HEARTBEAT_NOTIFICATIONS),
         "stop": stop,
         "serverTime": now.ms,
     }
-
-
-def unread_notifications(state, agent_id, limit=None):
-    return notifications_for(state, agent_id, unread=True, limit=limit)
 
 
 def notifications_for(state, agent_id, unread=False, limit=None):
