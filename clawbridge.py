@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import itertools
 import http
+import http.client
 import ipaddress
 import json
 import logging
@@ -3478,7 +3479,11 @@ class Alerts:
                     self.cond.notify_all()
                     self.cond.wait()
                 alert, self.busy = self.queue.popleft(), True
-            self.deliver(alert)
+            try:
+                self.deliver(alert)
+            except Exception:       # the sender must outlive any one alert
+                self.counts["failed"] += 1
+                log.exception("webhook delivery of %s failed", alert["event"])
 
     def deliver(self, alert):
         body = json.dumps(alert).encode()
@@ -3492,7 +3497,7 @@ class Alerts:
                     reply.read()
                 self.counts["sent"] += 1
                 return
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:   # refused, timed out, not HTTP
                 reason = getattr(exc, "code", None) or type(exc).__name__
                 log.warning("webhook delivery of %s failed (attempt %d of %d: %s)", alert["event"], attempt,
                             WEBHOOK_TRIES, reason)
