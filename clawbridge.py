@@ -2396,8 +2396,8 @@ def rebase_restored(state, now):
     the backup: every epoch (and version, so old ETags fail) jumps by RESTORE_EPOCH_GAP, and the id counter
     by RESTORE_ID_GAP past the clock, which covers a lost bridge that ran ahead of the clock."""
     for task in list(state.tasks.values()):
-        state.put_task(task._replace(epoch=task.epoch + RESTORE_EPOCH_GAP,
-                                     version=task.version + RESTORE_EPOCH_GAP, updatedAt=now.ms))
+        # updatedAt stays: an epoch jump is not a change anyone made (and finished tasks still archive on time)
+        state.put_task(task._replace(epoch=task.epoch + RESTORE_EPOCH_GAP, version=task.version + RESTORE_EPOCH_GAP))
     state.tick(now)
     state.meta["lastId"] = max(state.meta["lastId"], now.ms) + RESTORE_ID_GAP
     state.meta["restoredAt"] = now.ms
@@ -2671,7 +2671,7 @@ def render_metrics(bridge):
            [("", {}, int(bridge.store.healthy))])
     metric(lines, "clawbridge_journal_bytes", "gauge", "Bytes of journal kept on disk.",
            [("", {}, bridge.store.journal_bytes())])
-    metric(lines, "clawbridge_journal_records_total", "counter", "Journal records written (the last seq).",
+    metric(lines, "clawbridge_journal_seq", "gauge", "Sequence number of the last journal record.",
            [("", {}, journal.written)])
     metric(lines, "clawbridge_journal_fsyncs_total", "counter", "fsync calls on the journal.",
            [("", {}, journal.fsync_count)])
@@ -3623,7 +3623,10 @@ def restore(config, src):
         snapshots, segments = list_data_files(data_dir)
         archives = [n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n)]
         if snapshots or segments or archives:
-            aside = os.path.join(data_dir, f"before-restore-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = os.path.join(data_dir, f"before-restore-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside, n = stamp, 1
+            while os.path.exists(aside):        # two restores within a second
+                aside, n = f"{stamp}-{n}", n + 1
             os.makedirs(aside, mode=0o700)
             for name in [n for _, n in snapshots + segments] + archives:
                 os.replace(os.path.join(data_dir, name), os.path.join(aside, name))
