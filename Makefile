@@ -35,6 +35,7 @@ install:  ## install both programs and the systemd units under PREFIX (DESTDIR f
 	install -d $(BINDIR) $(UNITDIR) $(USERUNITDIR)
 	install -m 0755 clawbridge.py $(BINDIR)/clawbridge.py
 	install -m 0755 clawagent.py $(BINDIR)/clawagent.py
+	$(PYTHON) -m py_compile $(BINDIR)/clawagent.py    # scheduled beats run it as a module: no compile per beat
 	for unit in $(UNITS); do \
 	  sed 's#/usr/local/bin/#$(PREFIX)/bin/#g' "$$unit" > $(UNITDIR)/$$(basename $$unit) || exit 1; \
 	  chmod 0644 $(UNITDIR)/$$(basename $$unit); \
@@ -42,7 +43,7 @@ install:  ## install both programs and the systemd units under PREFIX (DESTDIR f
 	for unit in $(AGENT_UNITS); do cp $(UNITDIR)/$$(basename $$unit) $(USERUNITDIR)/ || exit 1; done
 
 uninstall:  ## remove what install put in place
-	rm -f $(BINDIR)/clawbridge.py $(BINDIR)/clawagent.py
+	rm -f $(BINDIR)/clawbridge.py $(BINDIR)/clawagent.py $(BINDIR)/__pycache__/clawagent.*.pyc
 	for unit in $(UNITS); do rm -f $(UNITDIR)/$$(basename $$unit) $(USERUNITDIR)/$$(basename $$unit); done
 
 clean:  ## remove caches and the local data dir of `make run`

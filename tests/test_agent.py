@@ -37,6 +37,10 @@ if [ "$1 $2" = "ip -4" ]; then echo {TAILSCALE_IP}; fi
 }
 
 
+# what a scheduled beat runs: the module from its own directory, so its compiled bytecode is reused
+BEAT = f"cd {os.path.dirname(AGENT)} && {sys.executable} -m clawagent heartbeat --agent"
+
+
 def run_agent(*args, env, cwd, timeout=20):
     """clawagent.py with these arguments, as a user runs it. Returns the CompletedProcess (text)."""
     return subprocess.run([sys.executable, AGENT, *args], env=env, cwd=cwd, capture_output=True, text=True,
@@ -197,7 +201,7 @@ def test_every_guide_line_works(tmp_path, bridge):
     assert sorted(line.split("--agent ")[1].split()[0] for line in mac_cron.splitlines() if "heartbeat --" in line) \
         == ["macbook-dev", "macbook-dev-1", "macbook-pm", "macbook-qa"]
     assert [line for line in server.crontab.read_text().splitlines() if "heartbeat --agent" in line] == \
-        [f"{cron_minute('server-dev')}-59/15 * * * * {sys.executable} {AGENT} heartbeat --agent server-dev --quiet"]
+        [f"{cron_minute('server-dev')}-59/15 * * * * {BEAT} server-dev --quiet"]
     # `tail -f ~/.openclaw/agents/agent-id/heartbeat.log`
     assert " ok " in server.log_lines("test-agent")[-1]
 
@@ -452,8 +456,7 @@ def test_setup_heartbeats_edits_only_its_block_of_the_crontab(bridge, machine):
         return {line.split("--agent ")[1].split()[0]: line for line in lines[begin + 1:-1]}
 
     ok(machine.run("setup-heartbeats", "--agent", "server-dev"))
-    assert block() == {"server-dev": f"{cron_minute('server-dev')}-59/15 * * * * {sys.executable} {AGENT} "
-                                     "heartbeat --agent server-dev --quiet"}
+    assert block() == {"server-dev": f"{cron_minute('server-dev')}-59/15 * * * * {BEAT} server-dev --quiet"}
     ok(machine.run("setup-heartbeats", "--setup"))
     lines = block()
     assert sorted(lines) == ["fast", "macbook-pm", "server-dev"]
@@ -494,7 +497,8 @@ def test_setup_heartbeats_systemd_prints_and_installs_a_timer(bridge, machine):
     ok(machine.run("register", "--agent", "dev-1"))
     printed = ok(machine.run("setup-heartbeats", "--systemd", "--agent", "dev-1")).stdout
     assert f"OnCalendar=*-*-* *:{cron_minute('dev-1'):02d}/15:00" in printed
-    assert f"ExecStart={sys.executable} {AGENT} heartbeat --agent dev-1 --quiet" in printed
+    assert f"WorkingDirectory={os.path.dirname(AGENT)}" in printed
+    assert f"ExecStart={sys.executable} -m clawagent heartbeat --agent dev-1 --quiet" in printed
     units = machine.home / ".config" / "systemd" / "user"
     assert not units.exists()
     ok(machine.run("setup-heartbeats", "--systemd", "--install", "--agent", "dev-1"))

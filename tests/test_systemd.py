@@ -134,7 +134,12 @@ def test_unit_is_well_formed(name):
     assert values(entries, "Unit", "Description")
     if main == "Service":
         exec_start = one(entries, "Service", "ExecStart").split()
-        assert exec_start[0] == INSTALLED["python"] and exec_start[1] in INSTALLED.values(), exec_start
+        assert exec_start[0] == INSTALLED["python"], exec_start
+        if exec_start[1] == "-m":       # a module, from the directory the programs are installed in
+            assert exec_start[2] + ".py" in INSTALLED and one(entries, "Service", "WorkingDirectory") == \
+                str(Path(INSTALLED[exec_start[2] + ".py"]).parent), exec_start
+        else:
+            assert exec_start[1] in INSTALLED.values(), exec_start
 
 
 def test_bridge_unit_has_the_directives_of_the_issue():
@@ -189,8 +194,8 @@ def test_heartbeat_template_beats_one_agent_like_setup_heartbeats_does():
     # The same command after the program path, with the agent id as the instance name.
     ours = one(service, "Service", "ExecStart").replace("%i", TEST_AGENT).split()
     theirs = one(made_service, "Service", "ExecStart").split()
-    assert ours[2:] == theirs[2:] == ["heartbeat", "--agent", TEST_AGENT, "--quiet"]
-    assert Path(ours[1]).name == Path(theirs[1]).name == "clawagent.py"
+    assert ours[1:] == theirs[1:] == ["-m", "clawagent", "heartbeat", "--agent", TEST_AGENT, "--quiet"]
+    assert values(service, "Service", "WorkingDirectory") and values(made_service, "Service", "WorkingDirectory")
     assert one(service, "Service", "Type") == one(made_service, "Service", "Type") == "oneshot"
     assert one(service, "Service", "EnvironmentFile") == "-/etc/clawagent.env"
     # Persistent= only acts on OnCalendar= timers: a missed beat is sent when the machine is back.
@@ -270,5 +275,12 @@ def test_make_install_puts_the_programs_and_units_where_the_units_expect_them(tm
         installed = unit_dir / name
         assert installed.read_bytes() == (UNIT_DIR / name).read_bytes()
         assert installed.stat().st_mode & 0o777 == 0o644
-        for value in values(read_unit(name), "Service", "ExecStart"):
-            assert (tmp_path / value.split()[1].lstrip("/")).is_file(), f"{name}: {value}"
+        unit = read_unit(name)
+        for value in values(unit, "Service", "ExecStart"):
+            words = value.split()
+            if words[1] == "-m":    # a module in the WorkingDirectory, with its bytecode compiled at install
+                directory = tmp_path / one(unit, "Service", "WorkingDirectory").lstrip("/")
+                assert (directory / f"{words[2]}.py").is_file(), f"{name}: {value}"
+                assert list((directory / "__pycache__").glob(f"{words[2]}.*.pyc")), f"{name}: no bytecode"
+            else:
+                assert (tmp_path / words[1].lstrip("/")).is_file(), f"{name}: {value}"
