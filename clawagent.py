@@ -669,24 +669,18 @@ def stagger_minute(agent_id, step):
     return zlib.crc32(agent_id.encode()) % step
 
 
-def cron_schedule(agent_id, interval_ms):
-    step = heartbeat_step(interval_ms)
-    minute = stagger_minute(agent_id, step)
-    if step == 1:
-        return "* * * * *"
-    if step == 60:
-        return f"{minute} * * * *"
-    return f"{minute}-59/{step} * * * *"
+# How each scheduler writes: every minute, once an hour at minute m, every s minutes from minute m.
+CRON_FORMATS = ("* * * * *", "{m} * * * *", "{m}-59/{s} * * * *")
+SYSTEMD_FORMATS = ("*-*-* *:*:00", "*-*-* *:{m:02d}:00", "*-*-* *:{m:02d}/{s}:00")
 
 
-def systemd_calendar(agent_id, interval_ms):
+def beat_schedule(agent_id, interval_ms, formats):
+    """The agent's staggered schedule in one scheduler's notation (CRON_FORMATS or SYSTEMD_FORMATS)."""
     step = heartbeat_step(interval_ms)
-    minute = stagger_minute(agent_id, step)
-    if step == 1:
-        return "*-*-* *:*:00"
-    if step == 60:
-        return f"*-*-* *:{minute:02d}:00"
-    return f"*-*-* *:{minute:02d}/{step}:00"
+    every_minute, hourly, stepped = formats
+    chosen = every_minute if step == 1 else hourly if step == 60 else stepped
+    return chosen.format(m=stagger_minute(agent_id, step), s=step)
+
 
 
 def launcher():
@@ -1074,7 +1068,7 @@ def install_cron(args, environ, agents):
         elif old and args.setup:
             schedule = " ".join(old.split()[:5])   # --setup keeps a schedule chosen before with --schedule
         else:
-            schedule = cron_schedule(agent_id, saved.get("heartbeatInterval"))
+            schedule = beat_schedule(agent_id, saved.get("heartbeatInterval"), CRON_FORMATS)
         entries[agent_id] = f"{schedule} {heartbeat_command(environ, agent_id, for_cron=True)}"
         changes.append(f"{'updated' if old else 'added'}: {entries[agent_id]}")
     write_crontab(join_crontab(before, entries, after))
@@ -1088,7 +1082,7 @@ def install_systemd(args, environ, agents):
     directory = systemd_dir(environ)
     timers = []
     for agent_id, saved in agents:
-        calendar = args.schedule or systemd_calendar(agent_id, saved.get("heartbeatInterval"))
+        calendar = args.schedule or beat_schedule(agent_id, saved.get("heartbeatInterval"), SYSTEMD_FORMATS)
         units = systemd_units(environ, agent_id, calendar)
         for name, text in units.items():
             if args.install:
