@@ -1159,7 +1159,6 @@ class State:
         self.last_sweep = None
         self.events = []        # (level, message, alert) for the service to log (and send) after the lock
         self.counters = collections.Counter()   # heartbeats, reassignments, ... since start (for /metrics)
-        self.started = 0.0
         self.changes = []       # journal ops recorded since the service last took them
         self.undo = []          # (section, key, entity before the change or None), in the same order
         self.meta_changed = False
@@ -1843,11 +1842,9 @@ def take_offline(state, now, agent_ids):
     return moved
 
 
-def rebaseline(state, now, start=False):
+def rebaseline(state, now):
     """Treat every online agent as heard from now: after a start, or a pause of the bridge itself (a
     suspended VM, a stalled process), so that the bridge's own silence is not blamed on the fleet."""
-    if start:
-        state.started = now.mono
     for agent in state.agents.values():
         if agent.status == "online":
             state.seen[agent.id] = now.mono
@@ -1950,7 +1947,6 @@ def fleet_figures(state, now):
         "tasks": collections.Counter(t.lane for t in state.tasks.values()),
         "disruption": state.disruption,
         "counters": dict(state.counters),
-        "uptime": now.mono - state.started,
     }
 
 
@@ -2253,7 +2249,7 @@ class Bridge:
         self.requests = RequestMetrics()        # filled by the HTTP layer, shown by /metrics
         self.started = self.clock.now()
         state.offline_after = config.offline_after
-        rebaseline(state, self.started, start=True)     # a restart gives every instance one full threshold
+        rebaseline(state, self.started)     # a restart gives every instance one full threshold
 
     @classmethod
     def open(cls, config, clock=None, fsync=os.fsync):
@@ -2652,7 +2648,7 @@ def render_metrics(bridge):
     metric(lines, "clawbridge_build_info", "gauge", "Version of the running bridge.",
            [("", {"version": __version__, "python": platform.python_version()}, 1)])
     metric(lines, "clawbridge_uptime_seconds", "gauge", "Seconds since the bridge started.",
-           [("", {}, round(fleet["uptime"], 3))])
+           [("", {}, round(bridge.clock.now().mono - bridge.started.mono, 3))])
     metric(lines, "clawbridge_agents", "gauge", "Agents by status.",
            [("", {"status": k}, fleet["agents"].get(k, 0)) for k in ("online", "offline")])
     metric(lines, "clawbridge_instances", "gauge", "Instances by status.",
@@ -2838,7 +2834,8 @@ QUERY = {
     "agents": {"instanceId": STR, "role": STR, "status": {"type": "string", "enum": ["online", "offline"]}},
     "tasks": {"archived": BOOL_TEXT, "limit": or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
               "offset": or_empty({"type": "integer", "minimum": 0, "maximum": 2 ** 31}), "assignedTo": STR,
-              "instanceId": STR, "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)}, "role": STR},
+              "instanceId": STR, "lane": LANE_NAMES, "priority": {"type": "string", "enum": list(PRIORITIES)},
+              "role": STR},
     "notes": {"agentId": or_empty(ID_SCHEMA), "unread": BOOL_TEXT},
     "unread": {"unread": BOOL_TEXT},
     "limit": {"limit": or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE})},
@@ -2975,7 +2972,8 @@ def route_table(routes):
     """ROUTES grouped by their number of path segments, so a request is matched against few rows."""
     table = collections.defaultdict(list)
     for method, pattern, handler, rule in routes:
-        table[len(split_path(pattern))].append((method, split_path(pattern), handler, rule, pattern))
+        parts = split_path(pattern)
+        table[len(parts)].append((method, parts, handler, rule, pattern))
     return table
 
 

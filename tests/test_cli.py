@@ -301,3 +301,24 @@ def test_most_instances_silent_at_once_moves_nothing(start_bridge):
 @pytest.mark.parametrize("program", [BRIDGE, AGENT])
 def test_programs_are_python_3_9_syntax(program):
     ast.parse(Path(program).read_text(encoding="utf-8"), feature_version=(3, 9))
+
+
+def test_sigterm_lets_a_request_in_flight_finish(start_bridge):
+    """A request whose body is still arriving when SIGTERM comes is answered and saved before the exit."""
+    import signal
+    import socket
+    import time
+    bridge = start_bridge()
+    body = json.dumps({"title": "arrives during shutdown"}).encode()
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)     # the bridge has read the head and waits for the body
+        bridge.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        sock.sendall(body[5:])
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 201"), reply[:200]
+    assert bridge.stop() == 0
+    again = start_bridge()
+    assert [t["title"] for t in again.call("GET", "/api/tasks")[2]] == ["arrives during shutdown"]
