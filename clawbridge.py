@@ -76,7 +76,8 @@ DOTENV_FILE = ".env"
 
 MAX_BODY_BYTES = 1024 * 1024        # larger bodies are refused with 413
 MAX_URL_BYTES = 8192                # longer request targets are refused with 414
-MAX_HEADER_BYTES = 32 * 1024        # more header bytes are refused with 431 (http.server also caps 100 lines)
+MAX_HEADER_BYTES = 32 * 1024        # more header bytes are refused with 431
+MAX_HEADER_LINES = 100              # and so are more header lines
 MAX_CONNECTIONS = 256               # connections served at once: one thread each
 REQUEST_DEADLINE = 10.0             # seconds an idle or still-arriving request may hold a connection
 EVICT_AFTER = 1.0                   # when full, a connection idle this long makes room for a new one
@@ -713,6 +714,8 @@ class Journal:
 
     def wait(self, seq):
         """Return once record seq is on disk; raise the OSError if the disk refused it."""
+        if self.synced >= seq:      # the usual case for a read or a plain heartbeat: no lock needed to know
+            return
         with self.cond:
             while self.synced < seq:
                 if self.failed:
@@ -2968,44 +2971,59 @@ class Route(NamedTuple):
     pattern: str    # the route's label in /metrics
 
 
-def route_table(routes):
-    """ROUTES grouped by their number of path segments, so a request is matched against few rows."""
-    table = collections.defaultdict(list)
+LEAF, PARAM = 0, 1      # tree keys that no path segment (always a str) can equal
+
+
+def route_tree(routes):
+    """ROUTES as a tree of path segments: {segment: subtree}, PARAM -> (parameter name, subtree) for a
+    parameter segment, and LEAF -> {method: (handler, rule, pattern)} where a pattern ends."""
+    tree = {}
     for method, pattern, handler, rule in routes:
-        parts = split_path(pattern)
-        table[len(parts)].append((method, parts, handler, rule, pattern))
-    return table
+        node = tree
+        for part in split_path(pattern):
+            if part.startswith("{"):
+                name, node = node.setdefault(PARAM, (part[1:-1], {}))
+                if name != part[1:-1]:
+                    raise ValueError(f"{pattern}: another route names this parameter {{{name}}}")
+            else:
+                node = node.setdefault(part, {})
+        node.setdefault(LEAF, {})[method] = (handler, rule, pattern)
+    return tree
 
 
-ROUTE_TABLE = route_table(ROUTES)
+ROUTE_TREE = route_tree(ROUTES)
 OPENAPI = build_openapi()
 
 
+def match_route(node, parts, params):
+    """The leaf of the most literal pattern matching parts: a literal segment is tried before a parameter,
+    so /api/agents/register wins over /api/agents/{id}."""
+    if not parts:
+        return node.get(LEAF)
+    literal = node.get(parts[0])
+    if literal is not None:
+        leaf = match_route(literal, parts[1:], params)
+        if leaf is not None:
+            return leaf
+    if PARAM in node:
+        name, child = node[PARAM]
+        leaf = match_route(child, parts[1:], params)
+        if leaf is not None:
+            params[name] = parts[0]
+            return leaf
+    return None
+
+
 def resolve(method, path):
-    """Find the Route for a request. The most literal pattern that matches the path wins
-    (/api/agents/register before /api/agents/{id}); a matching path with another method is 405."""
-    parts = split_path(path)
-    best, best_rank = [], None
-    for row_method, pattern, handler, rule, label in ROUTE_TABLE.get(len(parts), ()):
-        params = {}
-        for want, got in zip(pattern, parts):
-            if want.startswith("{"):
-                params[want[1:-1]] = got
-            elif want != got:
-                break
-        else:
-            rank = tuple(not p.startswith("{") for p in pattern)
-            if best_rank is None or rank > best_rank:
-                best, best_rank = [], rank
-            if rank == best_rank:
-                best.append((row_method, Route(handler, params, rule, label)))
-    if not best:
+    """Find the Route for a request; a path that matches with another method only is 405."""
+    params = {}
+    leaf = match_route(ROUTE_TREE, split_path(path), params)
+    if leaf is None:
         raise BridgeError(404, "not_found", "No endpoint at this path; see README.md for the API.")
-    for row_method, route in best:
-        if row_method == method or (method == "HEAD" and row_method == "GET"):
-            return route
-    methods = {row[0] for row in best}
-    allowed = sorted(methods | ({"HEAD"} if "GET" in methods else set()))
+    found = leaf.get(method) or (leaf.get("GET") if method == "HEAD" else None)
+    if found is not None:
+        return Route(found[0], params, found[1], found[2])
+    allowed = sorted(set(leaf) | ({"HEAD"} if "GET" in leaf else set()))
     raise BridgeError(405, "method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}.",
                       headers={"Allow": ", ".join(allowed)})
 
@@ -3138,6 +3156,8 @@ def redact(text, config):
 AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
 
 
+encode_reply = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode     # made once, not per reply
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 _date_cache = [0, ""]
 
 
@@ -3158,25 +3178,79 @@ def response_bytes(status, body, headers, close=False, head_only=False):
         payload = body
     else:
         try:
-            payload = b"" if body is None else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            payload = b"" if body is None else encode_reply(body).encode()
         except UnicodeEncodeError:      # a lone surrogate from a client's \ud800: escaped, still valid JSON
             payload = json.dumps(body, separators=(",", ":")).encode()
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-             f"Server: clawbridge/{__version__}",
-             f"Date: {http_date()}",
-             f"Content-Type: {content_type}",
-             f"Content-Length: {len(payload)}"]
-    lines.extend(f"{k}: {v}" for k, v in headers.items())
-    if close:
-        lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    head = (f"HTTP/1.1 {status} {STATUS_PHRASES[status]}\r\nServer: clawbridge/{__version__}\r\n"
+            f"Date: {http_date()}\r\nContent-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + ("Connection: close\r\n\r\n" if close else "\r\n")).encode("latin-1")
     return head if head_only else head + payload
+
+
+HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n", re.DOTALL)
+
+
+class Headers:
+    """Request headers: names case-insensitive, every value kept in order (the framing checks look for
+    repeated Content-Length and Transfer-Encoding). What handlers read through req.headers."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, name, value):
+        self.values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        found = self.values.get(name.lower())
+        return found[0] if found else default
+
+    def get_all(self, name, default=None):
+        return self.values.get(name.lower(), default)
+
+    def __contains__(self, name):
+        return name.lower() in self.values
+
+
+def read_headers(rfile):
+    """Read the header block of a request. BridgeError 431 past MAX_HEADER_BYTES or MAX_HEADER_LINES, 400 for
+    a line that is not `name: value` (folded lines and spaces before the colon included, as RFC 9112 asks of
+    a server). Much cheaper than the email parser http.server uses."""
+    headers, size, lines = Headers(), 0, 0
+    while True:
+        line = rfile.readline(MAX_HEADER_BYTES + 1)
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise BridgeError(431, "headers_too_large", f"The headers are larger than {MAX_HEADER_BYTES} bytes.")
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        lines += 1
+        if lines > MAX_HEADER_LINES:
+            raise BridgeError(431, "headers_too_large", f"There are more than {MAX_HEADER_LINES} header lines.")
+        match = HEADER_LINE.fullmatch(line)
+        if match is None:
+            raise BridgeError(400, "bad_request", "A header line is not 'Name: value'; send one header a line.")
+        headers.add(match.group(1).decode("ascii"), match.group(2).decode("latin-1"))
 
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                408: "request_timeout", 411: "length_required", 413: "body_too_large", 414: "uri_too_long",
                431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
                503: "unavailable", 505: "http_version_not_supported"}
+
+
+QUIET_ROUTES = frozenset(("/health", "/metrics"))     # polled by monitors: their lines are at debug
+
+
+def access_log(level, method, path, status, size, seconds, route):
+    """One line per request: `method path status bytes ms`, and the same as an "http" object for
+    LOG_FORMAT=json. Built with makeRecord and handed to the logger directly: the usual call would also walk
+    the stack for the caller's file and line, which an access line does not show."""
+    ms = round(seconds * 1000, 1)
+    record = log.makeRecord(log.name, level, "", 0, "%s %s %d %d %.1fms", (method, path, status, size, ms), None,
+                            extra={"http": {"method": method, "route": route, "status": status, "bytes": size,
+                                            "ms": ms}})
+    log.handle(record)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -3191,9 +3265,10 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.slot = self.server.connections.get(self.connection) or [False, time.monotonic(), False]
 
     def handle_one_request(self):
-        self.server.mark(self.connection, busy=False)   # waiting for, or still reading, the next request
+        self.server.mark(self.slot, busy=False)     # waiting for, or still reading, the next request
         super().handle_one_request()
 
     def do_GET(self):
@@ -3202,7 +3277,7 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def _dispatch(self):
-        if self.server.closing(self.connection):
+        if self.slot[2]:
             self.close_connection = True    # evicted or timed out while its request was arriving
             return
         started = time.perf_counter()
@@ -3232,10 +3307,9 @@ class Handler(BaseHTTPRequestHandler):
             self.server.leave()
             elapsed = time.perf_counter() - started
             bridge.requests.observe(self.command, self._route, status, elapsed)
-            level = logging.DEBUG if self._route in ("/health", "/metrics") else logging.INFO
-            log.log(level, "%s %s %d %d %.1fms", self.command, self._loggable_path(), status, size, elapsed * 1000,
-                    extra={"http": {"method": self.command, "route": self._route, "status": status,
-                                    "bytes": size, "ms": round(elapsed * 1000, 1)}})
+            level = logging.DEBUG if self._route in QUIET_ROUTES else logging.INFO
+            if log.isEnabledFor(level):
+                access_log(level, self.command, self._loggable_path(), status, size, elapsed, self._route)
 
     def _loggable_path(self):
         return redact(self.path.split("?")[0][:200], self.server.bridge.config)
@@ -3243,8 +3317,6 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, bridge):
         if len(self.path) > MAX_URL_BYTES:
             raise BridgeError(414, "uri_too_long", f"The request target is longer than {MAX_URL_BYTES} bytes.")
-        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-            raise BridgeError(431, "headers_too_large", f"The headers are larger than {MAX_HEADER_BYTES} bytes.")
         raw_path, _, query_text = self.path.partition("?")
         if not raw_path.startswith("/"):
             raise bad_request("The request target must be a path starting with /.", code="bad_request")
@@ -3254,7 +3326,7 @@ class Handler(BaseHTTPRequestHandler):
         for value in route.params.values():
             check_id(value, "id")
         body = self.read_json()
-        self.server.mark(self.connection, busy=True)
+        self.server.mark(self.slot, busy=True)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
         result = route.handler(bridge, Request(self.command, raw_path, route.params, query, self.headers, body,
                                                who, actor, self.client_address[0]))
@@ -3312,17 +3384,65 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         return len(data)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, headers too large, unknown method) as JSON too."""
+    def parse_request(self):
+        """The request line, as http.server reads it, then the headers with read_headers. Returns False
+        once an error has been answered."""
+        self.command, self.path, self.request_version = None, None, self.default_request_version
         self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not 2 <= len(words) <= 3:
+            if words:
+                self.send_error(400)
+            return False
+        if len(words) == 3:
+            version = words[2]
+            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+                self.send_error(400)
+                return False
+            number = int(numbers[0]), int(numbers[1])
+            if number >= (2, 0):
+                self.send_error(505)
+                return False
+            self.request_version = version
+            self.close_connection = number < (1, 1)
+        elif words[0] != "GET":
+            self.send_error(400)        # HTTP/0.9 knew only GET
+            return False
+        self.command, self.path = words[0], words[1]
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")     # //host/path would read as a URL without scheme
+        try:
+            self.headers = read_headers(self.rfile)
+        except BridgeError as exc:
+            self.refuse(exc)
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1"
+                and not self.handle_expect_100()):
+            return False
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (request line too long, unknown method) and ours from parse_request."""
         method = (getattr(self, "command", None) or "-")[:20]     # None when the request line was garbage
         text = {501: f"Method {method!r} is not supported by the bridge.",
-                414: "The request line is too long.", 431: "The request headers are too large."}.get(code)
-        error = BridgeError(code, ERROR_CODES.get(code, "bad_request"),
-                            text or "The request is not valid HTTP.")
-        self.send_json(code, error.body(), {})
+                414: "The request line is too long.",
+                505: "Only HTTP/1.0 and HTTP/1.1 are served."}.get(code, "The request is not valid HTTP.")
+        self.refuse(BridgeError(code, ERROR_CODES.get(code, "bad_request"), text))
+
+    def refuse(self, error):
+        """Answer a request the HTTP layer rejected before routing, and close the connection."""
+        self.close_connection = True
+        self.send_json(error.status, error.body(), error.headers)
+        method = (getattr(self, "command", None) or "-")[:20]
         log.info("%s %s %d (rejected by the HTTP parser)", redact(method, self.server.bridge.config),
-                 self._loggable_path() if getattr(self, "path", None) else "-", code)
+                 self._loggable_path() if getattr(self, "path", None) else "-", error.status)
 
     def log_message(self, format, *args):
         log.debug("http: %s", redact(format % args, self.server.bridge.config))
@@ -3349,9 +3469,9 @@ class BridgeServer(ThreadingHTTPServer):
         self.max_connections = MAX_CONNECTIONS
         self.request_deadline = REQUEST_DEADLINE
         self.connections = {}       # socket -> [busy, since (monotonic), closing]
-        self.slots = threading.Condition()
+        self.slots = threading.Condition(threading.Lock())
         self.inflight = 0
-        self.idle = threading.Condition()
+        self.idle = threading.Condition(threading.Lock())
 
     def process_request(self, request, client_address):
         if self.admit(request):
@@ -3393,16 +3513,13 @@ class BridgeServer(ThreadingHTTPServer):
         except OSError:
             pass
 
-    def mark(self, sock, busy):
-        with self.slots:
-            entry = self.connections.get(sock)
-            if entry is not None:
-                entry[0], entry[1] = busy, time.monotonic()
-
-    def closing(self, sock):
-        with self.slots:
-            entry = self.connections.get(sock)
-            return entry is None or entry[2]
+    @staticmethod
+    def mark(slot, busy):
+        """Note a connection's state change (slot is its entry in connections) from its own thread, without
+        the lock: each item assignment is atomic, and since goes first so that a reader never sees the new
+        state with an old time (a stale idle time would drop a connection that just finished a request)."""
+        slot[1] = time.monotonic()
+        slot[0] = busy
 
     def service_actions(self):
         """Called by serve_forever between polls: drop connections whose request is overdue."""
@@ -3556,6 +3673,20 @@ class Flusher(threading.Thread):
 # ===== Entry =====
 
 
+class TextLogFormatter(logging.Formatter):
+    """`time level message`, the time formatted once a second rather than once a line."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.second = (None, "")
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if self.second[0] != second:
+            self.second = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return f"{self.second[1]},{int(record.msecs):03d}"
+
+
 class JsonLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object a line, for log shippers; request lines carry an "http" object."""
 
@@ -3575,8 +3706,10 @@ def configure_logging(level, log_format="text"):
         formatter = JsonLogFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        formatter = TextLogFormatter()
     handler.setFormatter(formatter)
+    # no line shows them, and each costs a lookup on every record (one per request)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 
 

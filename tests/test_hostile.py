@@ -434,6 +434,43 @@ def test_every_request_is_bounded_and_refused_as_json(make_bridge, data, status)
         assert ok(live.port, "GET", "/api/tasks") == [], "a refused request changed something"
 
 
+HEAD_CASES = {
+    # the request line
+    "http-1.0": (raw_request("GET", "/health", version="HTTP/1.0"), 200),
+    "http-2.0": (raw_request("GET", "/health", version="HTTP/2.0"), 505),
+    "version-1.1.1": (raw_request("GET", "/health", version="HTTP/1.1.1"), 400),
+    "version-lower-case": (raw_request("GET", "/health", version="http/1.1"), 400),
+    "four-words": (b"GET /health extra HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "http-0.9-post": (b"POST /api/tasks\r\n\r\n", 400),
+    # header lines: RFC 9112 asks a server to refuse folded lines and a space before the colon
+    "folded-line": (raw_request("GET", "/health", [("X-Fold", "a\r\n  folded")]), 400),
+    "space-before-colon": (raw_request("GET", "/health", [("X-Space ", "v")]), 400),
+    "no-colon": (raw_request("GET", "/health", [("X-No-Colon", None)]), 400),
+    "empty-name": (raw_request("GET", "/health", [("", "v")]), 400),
+    "name-with-slash": (raw_request("GET", "/health", [("X/Y", "v")]), 400),
+    "tabs-around-value-ok": (raw_request("GET", "/health", [("X-Tab", "\tv\t")]), 200),
+    "bare-lf-lines-ok": (b"GET /health HTTP/1.1\nHost: x\nX-A: 1\n\n", 200),
+    "latin-1-value-ok": (raw_request("GET", "/health", [("X-Name", b"caf\xe9")]), 200),
+    "empty-value-ok": (raw_request("GET", "/health", [("X-Empty", "")]), 200),
+}
+
+
+@pytest.mark.parametrize("data, status", list(HEAD_CASES.values()), ids=list(HEAD_CASES))
+def test_request_line_and_header_lines_are_parsed_strictly(make_bridge, data, status):
+    """The bridge parses request heads itself: what is valid is served, what is not gets a JSON error and the
+    connection is closed (the bytes after a broken head cannot be trusted to start a request)."""
+    live = make_bridge()
+    received, ended = exchange(live.port, data + raw_request("GET", "/health"))
+    answers = parse_answers(received)
+    assert answers and answers[0].status == status, (answers[:1], ended)
+    if status >= 400:
+        error_of(answers[0].headers, answers[0].json())
+        assert answers[0].headers.get("connection") == "close"
+        assert len(answers) == 1, "a request after a refused head was served"
+    else:
+        assert answers[0].json()["status"] == "ok"
+
+
 SMUGGLED = raw_request("POST", "/api/agents/register", body=b'{"id": "smuggled"}')
 FRAMING_CASES = {
     "chunked-without-length": [("Transfer-Encoding", "chunked")],
