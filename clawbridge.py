@@ -80,6 +80,7 @@ MAX_HEADER_BYTES = 32 * 1024        # more header bytes are refused with 431
 MAX_HEADER_LINES = 100              # and so are more header lines
 MAX_CONNECTIONS = 256               # connections served at once: one thread each
 REQUEST_DEADLINE = 10.0             # seconds an idle or still-arriving request may hold a connection
+DEADLINE_CHECK = 0.25               # how often connections are checked against it
 EVICT_AFTER = 1.0                   # when full, a connection idle this long makes room for a new one
 ADMIT_WAIT = 1.0                    # how long a new connection waits for room before it gets 503 busy
 AUTH_FAILURES = 10                  # failed authentications from one address within AUTH_WINDOW ...
@@ -117,6 +118,7 @@ WEBHOOK_TIMEOUT = 5.0
 SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
 SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
 FLUSHER_PERIOD = 1.0
+LOG_HELD = 256                      # request lines held back at most before they are written (LogHandler)
 RESTORE_EPOCH_GAP = 1000            # epochs jump this far when a bridge starts on a backup copy
 RESTORE_ID_GAP = 10 ** 9            # and the id counter this far past the clock
 
@@ -3188,18 +3190,15 @@ def response_bytes(status, body, headers, close=False, head_only=False):
     return head if head_only else head + payload
 
 
-HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n", re.DOTALL)
+HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n", re.DOTALL)
 
 
 class Headers:
     """Request headers: names case-insensitive, every value kept in order (the framing checks look for
     repeated Content-Length and Transfer-Encoding). What handlers read through req.headers."""
 
-    def __init__(self):
-        self.values = {}
-
-    def add(self, name, value):
-        self.values.setdefault(name.lower(), []).append(value)
+    def __init__(self, values):
+        self.values = values    # lower-case name -> [value, ...]
 
     def get(self, name, default=None):
         found = self.values.get(name.lower())
@@ -3216,21 +3215,22 @@ def read_headers(rfile):
     """Read the header block of a request. BridgeError 431 past MAX_HEADER_BYTES or MAX_HEADER_LINES, 400 for
     a line that is not `name: value` (folded lines and spaces before the colon included, as RFC 9112 asks of
     a server). Much cheaper than the email parser http.server uses."""
-    headers, size, lines = Headers(), 0, 0
+    values, size, lines = {}, 0, 0
     while True:
         line = rfile.readline(MAX_HEADER_BYTES + 1)
         size += len(line)
         if size > MAX_HEADER_BYTES:
             raise BridgeError(431, "headers_too_large", f"The headers are larger than {MAX_HEADER_BYTES} bytes.")
         if line in (b"\r\n", b"\n", b""):
-            return headers
+            return Headers(values)
         lines += 1
         if lines > MAX_HEADER_LINES:
             raise BridgeError(431, "headers_too_large", f"There are more than {MAX_HEADER_LINES} header lines.")
-        match = HEADER_LINE.fullmatch(line)
+        match = HEADER_LINE.fullmatch(line.decode("latin-1"))
         if match is None:
             raise BridgeError(400, "bad_request", "A header line is not 'Name: value'; send one header a line.")
-        headers.add(match.group(1).decode("ascii"), match.group(2).decode("latin-1"))
+        name, value = match.groups()
+        values.setdefault(name.lower(), []).append(value)
 
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -3472,6 +3472,7 @@ class BridgeServer(ThreadingHTTPServer):
         self.slots = threading.Condition(threading.Lock())
         self.inflight = 0
         self.idle = threading.Condition(threading.Lock())
+        self.deadline_checked = 0.0
 
     def process_request(self, request, client_address):
         if self.admit(request):
@@ -3522,8 +3523,12 @@ class BridgeServer(ThreadingHTTPServer):
         slot[0] = busy
 
     def service_actions(self):
-        """Called by serve_forever between polls: drop connections whose request is overdue."""
+        """Called by serve_forever after every poll and every accepted connection: drop connections whose
+        request is overdue, looking at most every DEADLINE_CHECK seconds."""
         now = time.monotonic()
+        if now - self.deadline_checked < DEADLINE_CHECK:
+            return
+        self.deadline_checked = now
         with self.slots:
             for sock, (busy, since, closing) in list(self.connections.items()):
                 if not busy and not closing and now - since > self.request_deadline:
@@ -3658,6 +3663,7 @@ class Flusher(threading.Thread):
         last_archive = None
         while not self.stop.wait(self.period):
             try:
+                flush_logs()
                 if last_archive is None or time.monotonic() - last_archive >= ARCHIVE_PERIOD:
                     last_archive = time.monotonic()
                     self.bridge.archive()
@@ -3700,8 +3706,54 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level, log_format="text"):
-    handler = logging.StreamHandler(sys.stderr)
+class LogHandler(logging.StreamHandler):
+    """stderr, with request lines held back until the Flusher's next pass (a second at most) or LOG_HELD of
+    them. Request lines are formatted and queued without the handler's lock (a deque append is atomic), so
+    requests never queue for the log; any other line (start-up, warnings, errors) goes out at once under
+    the lock and takes the held lines with it, so the order is kept. A bridge killed with SIGKILL loses the
+    request lines of its last second, nothing else."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.held = collections.deque()
+
+    def handle(self, record):
+        if not hasattr(record, "http"):
+            return super().handle(record)
+        if self.filter(record):
+            try:
+                self.held.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+            if len(self.held) >= LOG_HELD:
+                self.flush()
+        return record
+
+    def emit(self, record):     # called with self.lock held
+        try:
+            self.held.append(self.format(record) + self.terminator)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+    def flush(self):
+        with self.lock:
+            lines = []
+            while self.held:
+                lines.append(self.held.popleft())
+            if lines:
+                self.stream.write("".join(lines))
+            self.stream.flush()
+
+
+def flush_logs():
+    """Write out held request lines (the Flusher calls it every FLUSHER_PERIOD)."""
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+
+
+def configure_logging(level, log_format="text", stream=None):
+    handler = LogHandler(stream or sys.stderr)
     if log_format == "json":
         formatter = JsonLogFormatter()
         formatter.converter = time.gmtime

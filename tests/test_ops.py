@@ -375,6 +375,39 @@ def test_json_logs_are_one_object_a_line_with_the_request_fields(start_bridge):
     assert entries[-1]["msg"] == "stopped cleanly"
 
 
+def test_request_lines_are_held_until_the_next_flush_and_other_lines_keep_the_order():
+    """Request lines are written in batches (by the Flusher every second, or LOG_HELD at a time); a start-up,
+    warning or error line goes out at once and takes the waiting request lines with it, in order."""
+    import io
+    import logging
+    stream = io.StringIO()
+    handler = clawbridge.LogHandler(stream)
+    handler.setFormatter(clawbridge.TextLogFormatter())
+    logger = logging.getLogger("clawbridge")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for n in range(3):
+            clawbridge.access_log(logging.INFO, "GET", f"/api/tasks/t{n}", 200, 10, 0.001, "/api/tasks/{id}")
+        assert stream.getvalue() == "", "a request line was written before the next flush"
+        logger.warning("storage is degraded")
+        lines = stream.getvalue().splitlines()
+        assert [line.split(" ", 3)[3] for line in lines] == [
+            "GET /api/tasks/t0 200 10 1.0ms", "GET /api/tasks/t1 200 10 1.0ms", "GET /api/tasks/t2 200 10 1.0ms",
+            "storage is degraded"]
+        assert all(line.split(" ")[2] in ("INFO", "WARNING") for line in lines)
+        clawbridge.access_log(logging.INFO, "POST", "/api/sync", 200, 5, 0.002, "/api/sync")
+        clawbridge.flush_logs()     # what the Flusher does every FLUSHER_PERIOD (and logging.shutdown at exit)
+        assert stream.getvalue().splitlines()[-1].endswith("POST /api/sync 200 5 2.0ms")
+        for n in range(clawbridge.LOG_HELD):
+            clawbridge.access_log(logging.INFO, "GET", "/health", 200, 1, 0.0, "/health")
+        assert stream.getvalue().count("GET /health") == clawbridge.LOG_HELD, "a full batch must not wait"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_an_unknown_log_format_exits_2_naming_the_key(tmp_path):
     result = run_cli(tmp_path, "--port", "0", env={"LOG_FORMAT": "bogus"})
     assert result.returncode == 2

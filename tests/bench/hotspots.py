@@ -96,7 +96,7 @@ class ThreadProfiles:
 def in_process_bridge(data_dir, log_path, profiles):
     """The bridge as serve() runs it, in this process: returns (port, stop function)."""
     cb = B.clawbridge()
-    logging.basicConfig(level=logging.INFO, filename=log_path, format="%(asctime)s %(levelname)s %(message)s")
+    cb.configure_logging("info", stream=open(log_path, "a", encoding="utf-8"))
     config = cb.Config(data_dir=str(data_dir), port=0, instance_id="bench")
     bridge = cb.Bridge.open(config)
     server = cb.BridgeServer((B.HOST, 0), bridge)
