@@ -42,6 +42,7 @@ import email.utils
 import errno
 import faulthandler
 import fcntl
+import functools
 import hashlib
 import hmac
 import itertools
@@ -1123,9 +1124,16 @@ def get_ip(payload, field):
     if value in (None, ""):
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        return normal_ip(value)
     except ValueError:
         raise bad_request(f"'{field}' must be an IP address", field) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def normal_ip(text):
+    """An IP address in its canonical form (ValueError when it is not one); an agent sends the same one with
+    every beat."""
+    return str(ipaddress.ip_address(text))
 
 
 # --- the state and its indexes ---
@@ -1138,6 +1146,9 @@ class Batch(NamedTuple):
     meta: Optional[dict]
     events: list
     undo: list
+
+
+NO_CHANGES = Batch((), None, (), ())
 
 
 class State:
@@ -1205,6 +1216,8 @@ class State:
 
     def take_changes(self):
         """Everything changed since the last call, as a Batch."""
+        if not (self.changes or self.events or self.undo or self.meta_changed):
+            return NO_CHANGES       # a read or a plain heartbeat
         batch = Batch(self.changes, dict(self.meta) if self.meta_changed else None, self.events, self.undo)
         self.changes, self.events, self.undo, self.meta_changed = [], [], [], False
         return batch
@@ -3043,6 +3056,9 @@ def reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+decode_body = json.JSONDecoder(parse_constant=reject_constant).decode     # made once, not per request
+
+
 def parse_json_body(raw):
     """Decode a request body: UTF-8, JSON, an object, no NaN/Infinity, nested at most MAX_JSON_DEPTH deep."""
     try:
@@ -3050,7 +3066,7 @@ def parse_json_body(raw):
     except UnicodeDecodeError:
         raise bad_request("The body is not valid UTF-8.", code="invalid_json") from None
     try:
-        value = json.loads(text, parse_constant=reject_constant)
+        value = decode_body(text)
     except RecursionError:
         raise bad_request(f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.",
                           code="invalid_json") from None
@@ -3244,12 +3260,11 @@ QUIET_ROUTES = frozenset(("/health", "/metrics"))     # polled by monitors: thei
 
 def access_log(level, method, path, status, size, seconds, route):
     """One line per request: `method path status bytes ms`, and the same as an "http" object for
-    LOG_FORMAT=json. Built with makeRecord and handed to the logger directly: the usual call would also walk
-    the stack for the caller's file and line, which an access line does not show."""
+    LOG_FORMAT=json. The record is made here and handed to the logger: log.info would also walk the stack
+    for the caller's file and line, which an access line does not show."""
     ms = round(seconds * 1000, 1)
-    record = log.makeRecord(log.name, level, "", 0, "%s %s %d %d %.1fms", (method, path, status, size, ms), None,
-                            extra={"http": {"method": method, "route": route, "status": status, "bytes": size,
-                                            "ms": ms}})
+    record = logging.LogRecord(log.name, level, "", 0, f"{method} {path} {status} {size} {ms:.1f}ms", None, None)
+    record.http = {"method": method, "route": route, "status": status, "bytes": size, "ms": ms}
     log.handle(record)
 
 
@@ -3327,7 +3342,8 @@ class Handler(BaseHTTPRequestHandler):
             check_id(value, "id")
         body = self.read_json()
         self.server.mark(self.slot, busy=True)
-        query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()}
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(query_text, keep_blank_values=True).items()} \
+            if query_text else {}
         result = route.handler(bridge, Request(self.command, raw_path, route.params, query, self.headers, body,
                                                who, actor, self.client_address[0]))
         return result if len(result) == 3 else (*result, {})
@@ -3685,6 +3701,11 @@ class TextLogFormatter(logging.Formatter):
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
         self.second = (None, "")
+
+    def format(self, record):
+        if record.exc_info or record.stack_info:
+            return super().format(record)
+        return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)

@@ -271,7 +271,7 @@ def costs(args):
     import heartbeats as H
     cb = B.clawbridge()
     with tempfile.TemporaryDirectory(prefix="hot-") as tmp:
-        handler = logging.StreamHandler(open(f"{tmp}/bridge.log", "w"))
+        handler = cb.LogHandler(open(f"{tmp}/bridge.log", "w"))
         handler.setFormatter(cb.TextLogFormatter())
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.INFO)
@@ -311,7 +311,7 @@ def costs(args):
              lambda: bridge.run(cb.record_heartbeat, "agent-01", body)),
             ("response_bytes(200, reply): JSON and head",
              lambda: cb.response_bytes(200, reply, {}, False, False)),
-            ("the access log line (access_log at info, to a file)",
+            ("the access log line (access_log at info, LogHandler to a file)",
              lambda: cb.access_log(logging.INFO, "POST", "/api/agents/agent-01/heartbeat", 200, 1448, 0.0004,
                                    "/api/agents/{id}/heartbeat")),
         ]
