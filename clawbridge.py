@@ -412,7 +412,9 @@ def is_loopback(host):
 
 # ===== Storage =====
 # The data dir holds snapshots (snapshot-<seq>.json, one JSON document each) and journal segments
-# (journal-<first seq>.jsonl, one JSON record per line). Each acknowledged change is one journal record,
+# (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [["put", section, entity] or
+# ["del", section, key], ...], "meta"}; a task put may carry only the entries added to its history, as
+# "historyAdd"). Each acknowledged change is one journal record,
 # fsynced before the reply is sent; a snapshot of the whole state is written off the request path every
 # SNAPSHOT_EVERY_CHANGES records or SNAPSHOT_EVERY_SECONDS, and the journal then starts a new segment.
 # The latest two snapshots and every segment after the older one are kept, so a corrupt snapshot falls
@@ -558,7 +560,11 @@ def apply_record(index, meta, record):
     for op in record.get("ops", ()):
         kind, section, value = op
         if kind == "put":
-            index[section][value[SECTION_KEYS[section]]] = value
+            key = value[SECTION_KEYS[section]]
+            if "historyAdd" in value:   # a task put carrying only the entries added to its history
+                before = index[section].get(key) or {}
+                value["history"] = (before.get("history", []) + value.pop("historyAdd"))[-HISTORY_LIMIT:]
+            index[section][key] = value
         else:
             index[section].pop(value, None)
     meta.update(record.get("meta", {}))
@@ -672,7 +678,7 @@ class Journal:
     def __init__(self, data_dir, next_seq, segment_name=None, fsync=os.fsync):
         self.data_dir = data_dir
         self.fsync = fsync
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
         self.written = next_seq - 1     # last record handed to the OS
         self.synced = next_seq - 1      # last record known to be on disk
         self.size = 0                   # bytes of whole records in the current segment
@@ -1298,7 +1304,12 @@ class State:
     def put_task(self, task, record=True):
         old = self.tasks.get(task.id)
         if record:
-            self.record("tasks", task.id, old, ("put", "tasks", task._asdict()))
+            item = task._asdict()
+            added = history_added(old.history, task.history) if old is not None else None
+            if added is not None:   # the journal carries the new history entries, not all 50 again
+                del item["history"]
+                item["historyAdd"] = added
+            self.record("tasks", task.id, old, ("put", "tasks", item))
         if old is not None:
             if old.assignedTo:
                 self.active.get(old.assignedTo, {}).pop(old.id, None)
@@ -1443,6 +1454,16 @@ def health_score(state, instance_id, now):
 
 def add_history(task, now, event, by=None, note=None):
     return task.history[-(HISTORY_LIMIT - 1):] + ((now.ms, event, by, note),)
+
+
+def history_added(old, new):
+    """The entries that new adds at the end of old (cut to the latest HISTORY_LIMIT), or None when new is not
+    old plus a few entries."""
+    for count in range(min(len(new), 8) + 1):
+        added = new[len(new) - count:]
+        if (old + added)[-HISTORY_LIMIT:] == new:
+            return added
+    return None
 
 
 def notify(state, now, agent_id, kind, message, task_id=None, title=""):
@@ -3587,7 +3608,7 @@ class Alerts:
     def __init__(self, url, bridge_id, backoff=1.0):
         self.url, self.bridge_id, self.backoff = url, bridge_id, backoff
         self.queue = collections.deque()
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
         self.thread = None
         self.busy = False
         self.counts = collections.Counter()     # sent, failed, dropped (for /metrics)

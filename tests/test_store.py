@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -470,6 +471,27 @@ def test_restart_in_process_keeps_everything_identical(open_live, clock):
                                                    "cancelled"}
     assert "leaver" not in before["agents"] and "laptop" not in before["instances"]
     assert [n["read"] for n in before["notifications"].values() if n["agentId"] == "srv-2"].count(True) == 1
+
+
+def test_a_long_history_is_journaled_as_its_new_entries_and_rebuilt_whole(open_live, clock):
+    """A task update journals the entries it adds to the history, not the whole history again; a restart
+    (journal replayed on the snapshot) rebuilds the same latest HISTORY_LIMIT entries."""
+    live = open_live()
+    ok(live.call("POST", "/api/agents/register", {"id": "w1"}), (201,))
+    task = ok(live.call("POST", "/api/tasks", {"title": "busy", "assignedTo": "w1"}), (201,))
+    ok(live.call("POST", "/api/sync", {}))      # a snapshot: the updates below are replayed from the journal
+    for n in range(clawbridge.HISTORY_LIMIT + 10):
+        clock.advance(1)
+        ok(live.call("PUT", f"/api/tasks/{task['id']}", {"title": f"busy {n}"}))
+    before = ok(live.call("GET", f"/api/tasks/{task['id']}"))
+    assert len(before["history"]) == clawbridge.HISTORY_LIMIT
+    assert before["history"][-1]["note"] == "title" and before["title"] == f"busy {clawbridge.HISTORY_LIMIT + 9}"
+    segments = sorted(Path(live.config.data_dir).glob("journal-*.jsonl"))
+    last = json.loads(segments[-1].read_text().splitlines()[-1])
+    [(kind, section, item)] = [op for op in last["ops"] if op[1] == "tasks"]
+    assert "history" not in item and len(item["historyAdd"]) == 1, item
+    live.close()
+    assert ok(open_live().call("GET", f"/api/tasks/{task['id']}")) == before
 
 
 def test_ids_and_epochs_never_repeat_after_a_restart_even_if_the_clock_went_back(open_live, clock):
