@@ -3163,6 +3163,8 @@ class AuthThrottle:
 
     def retry_after(self, address, now):
         """Seconds the address must still wait, 0 when it may try."""
+        if address not in self.locked:      # the usual case, known without the lock
+            return 0
         with self.lock:
             until = self.locked.get(address, 0)
             if until <= now:
@@ -3211,8 +3213,7 @@ def http_date():
 def response_bytes(status, body, headers, close=False, head_only=False):
     """A whole HTTP/1.1 response, to be written in one send: a JSON body, or bytes as they are (with their
     Content-Type in headers)."""
-    headers = dict(headers)
-    content_type = headers.pop("Content-Type", "application/json; charset=utf-8")
+    content_type = headers.get("Content-Type", "application/json; charset=utf-8")
     if isinstance(body, bytes):
         payload = body
     else:
@@ -3222,7 +3223,7 @@ def response_bytes(status, body, headers, close=False, head_only=False):
             payload = json.dumps(body, separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {STATUS_PHRASES[status]}\r\nServer: clawbridge/{__version__}\r\n"
             f"Date: {http_date()}\r\nContent-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + ("".join(f"{k}: {v}\r\n" for k, v in headers.items() if k != "Content-Type") if headers else "")
             + ("Connection: close\r\n\r\n" if close else "\r\n")).encode("latin-1")
     return head if head_only else head + payload
 
