@@ -43,6 +43,7 @@ import errno
 import faulthandler
 import fcntl
 import functools
+import gc
 import hashlib
 import hmac
 import itertools
@@ -459,6 +460,21 @@ def atomic_write(path, chunks, fsync=os.fsync):
         raise
 
 
+COMPACT = json.JSONEncoder(separators=(",", ":")).encode     # JSON as every data file holds it
+
+
+def entity_json(item):
+    """One stored entity as compact JSON: a plain object, or an entity tuple. A task's history is held as JSON
+    text already (see Task) and goes in as it is, as the last field."""
+    if type(item) is dict:
+        return COMPACT(item)
+    item = item._asdict()
+    history = item.pop("history", None)
+    if history is None:
+        return COMPACT(item)
+    return COMPACT(item)[:-1] + ',"history":' + history + "}"
+
+
 def snapshot_chunks(doc):
     """Serialise a state document piece by piece, so one large json.dumps never holds the interpreter for
     the whole state while requests wait."""
@@ -467,8 +483,7 @@ def snapshot_chunks(doc):
     for section in SECTIONS:
         yield f',\n"{section}":['
         for i, item in enumerate(doc.get(section, ())):
-            item = item._asdict() if hasattr(item, "_asdict") else item    # entity tuples from State.freeze
-            yield ("\n" if i == 0 else ",\n") + json.dumps(item, separators=(",", ":"))
+            yield ("\n" if i == 0 else ",\n") + entity_json(item)     # entity tuples from State.freeze
         yield "]"
     yield "}\n"
 
@@ -509,22 +524,123 @@ def empty_doc():
             **{section: [] for section in SECTIONS}}
 
 
-def read_snapshot(path):
-    """Load one snapshot document; StorageError when it is not a complete, well-formed snapshot."""
+class Documents:
+    """A load target that keeps the stored entities as plain JSON objects, {section: {key: item}}: for tools
+    and tests that want the documents. The bridge loads into its State, which has the same methods."""
+
+    def __init__(self):
+        self.meta = {}
+        self.index = {section: {} for section in SECTIONS}
+
+    def load(self, section, item):
+        """One stored entity (a snapshot line or a journal put)."""
+        key = item[SECTION_KEYS[section]]
+        if "historyAdd" in item:    # a task put carrying only the entries added to its history
+            before = self.index[section].get(key) or {}
+            item["history"] = (before.get("history", []) + item.pop("historyAdd"))[-HISTORY_LIMIT:]
+        self.index[section][key] = item
+
+    def unload(self, section, key):
+        self.index[section].pop(key, None)
+
+    def loaded(self):
+        pass
+
+    def freeze(self, seq):
+        return {**empty_doc(), "seq": seq, "meta": dict(self.meta),
+                **{section: list(self.index[section].values()) for section in SECTIONS}}
+
+
+class SnapshotLayout(Exception):
+    """A snapshot not laid out one entity a line as snapshot_chunks writes it: it is read whole instead."""
+
+
+SECTION_LINE = re.compile(rb'"([a-z]+)":\[(\]?)([,}]?)\n')
+
+
+def check_snapshot_head(path, head):
+    if not isinstance(head, dict) or head.get("format") != FORMAT_NAME or not isinstance(head.get("seq"), int) \
+            or not isinstance(head.get("meta", {}), dict):
+        raise StorageError(f"{path} is not a clawbridge snapshot")
+    if head.get("version", 0) > FORMAT_VERSION:
+        raise StorageError(f"{path} was written by a newer clawbridge (format {head.get('version')})")
+    return head
+
+
+def stream_snapshot(path, f, target):
+    """Load a snapshot written by snapshot_chunks a line at a time: each entity goes to the target as soon as
+    it is read, so no second copy of the whole state is ever built. Returns the head (format, seq, meta, ...).
+    Anything not exactly in that layout, a truncated file included, raises SnapshotLayout."""
+    first = f.readline()
+    if not (first.startswith(b"{") and first.endswith(b",\n")):
+        raise SnapshotLayout()
     try:
+        head = json.loads(first[:-2] + b"}")
+    except ValueError:
+        raise SnapshotLayout() from None
+    check_snapshot_head(path, head)
+    target.meta.update(head.get("meta", {}))
+    section, seen, done = None, set(), False
+    for line in f:
+        if done:
+            raise SnapshotLayout()
+        if section is None:     # between sections: `"name":[`, or `"name":[]` and `,` or `}`
+            match = SECTION_LINE.fullmatch(line)
+            if not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
+                raise SnapshotLayout()
+            seen.add(match.group(1))
+            section = None if match.group(2) else match.group(1).decode()
+            done = match.group(3) == b"}"
+            continue
+        if line.endswith(b"},\n"):          # an entity, more follow
+            body, end = line[:-2], None
+        elif line.endswith(b"}],\n"):       # the last of its section
+            body, end = line[:-3], b","
+        elif line.endswith(b"}]}\n"):       # the last of the last section
+            body, end = line[:-3], b"}"
+        else:
+            raise SnapshotLayout()
+        try:
+            item = json.loads(body)
+        except ValueError:
+            raise SnapshotLayout() from None
+        if not isinstance(item, dict):
+            raise ValueError(f"an entry of {section} is not an object")
+        if section in SECTION_KEYS:     # a section this version does not know is skipped
+            target.load(section, item)
+        if end:
+            section, done = None, end == b"}"
+    if not done:
+        raise SnapshotLayout()
+    return {k: v for k, v in head.items() if k not in SECTIONS}
+
+
+def read_snapshot(path, new_target):
+    """Load one snapshot into a new target; returns (head, target). StorageError when it is not a complete,
+    well-formed snapshot; TypeError or ValueError (from the target) when an entity in it is damaged."""
+    try:
+        with open(path, "rb") as f:
+            target = new_target()
+            return stream_snapshot(path, f, target), target
+    except SnapshotLayout:
+        pass
+    try:     # another layout (written by hand, or by another tool): the whole document at once
         with open(path, "rb") as f:
             doc = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StorageError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("seq"), int):
-        raise StorageError(f"{path} is not a clawbridge snapshot")
+    check_snapshot_head(path, doc)
+    target = new_target()
+    target.meta.update(doc.get("meta", {}))
     for section in SECTIONS:
-        doc.setdefault(section, [])     # a section added since the snapshot was written starts empty
-        if not isinstance(doc[section], list):
+        items = doc.get(section, [])     # a section added since the snapshot was written starts empty
+        if not isinstance(items, list):
             raise StorageError(f"{path} is not a clawbridge snapshot ({section} is not a list)")
-    if doc.get("version", 0) > FORMAT_VERSION:
-        raise StorageError(f"{path} was written by a newer clawbridge (format {doc.get('version')})")
-    return doc
+        for item in items:
+            if not isinstance(item, dict):
+                raise ValueError(f"an entry of {section} is not an object")
+            target.load(section, item)
+    return {k: v for k, v in doc.items() if k not in SECTIONS}, target
 
 
 def read_segment(path, expect_seq, apply):
@@ -555,29 +671,28 @@ def read_segment(path, expect_seq, apply):
     return expect_seq, torn_at
 
 
-def apply_record(index, meta, record):
-    """Apply one journal record to documents indexed as {section: {key: item}}."""
+def apply_record(target, record):
+    """Apply one journal record to a load target."""
     for op in record.get("ops", ()):
         kind, section, value = op
         if kind == "put":
-            key = value[SECTION_KEYS[section]]
-            if "historyAdd" in value:   # a task put carrying only the entries added to its history
-                before = index[section].get(key) or {}
-                value["history"] = (before.get("history", []) + value.pop("historyAdd"))[-HISTORY_LIMIT:]
-            index[section][key] = value
+            target.load(section, value)
         else:
-            index[section].pop(value, None)
-    meta.update(record.get("meta", {}))
+            target.unload(section, value)
+    target.meta.update(record.get("meta", {}))
 
 
-def load_data(data_dir, repair=False, build=lambda doc: doc):
+def load_data(data_dir, repair=False, target=Documents):
     """Recover the last good state of a data dir: the newest readable snapshot plus the journal after it,
-    as one document handed to build (which raises TypeError or ValueError for damaged content, so that an
-    older snapshot is tried). With repair, a torn journal tail is cut off so appends continue cleanly.
-    Returns (build(doc), info); raises StorageError, naming the file, when no good state can be rebuilt."""
+    loaded into a new target (Documents, or the bridge's State), whose load raises TypeError or ValueError for
+    a damaged entity so that an older snapshot is tried. With repair, a torn journal tail is cut off so appends
+    continue cleanly. Returns (target, info), info holding the snapshot's head; raises StorageError, naming the
+    file, when no good state can be rebuilt."""
     snapshots, segments = list_data_files(data_dir)
     if not snapshots and not segments:
-        return build(empty_doc()), {"fresh": True, "segment": None, "seq": 0, "problems": []}
+        built = target()
+        built.loaded()
+        return built, {"fresh": True, "segment": None, "seq": 0, "head": {}, "problems": []}
     problems, bad = [], []
     candidates = [os.path.join(data_dir, name) for _, name in reversed(snapshots)]
     if segments and segments[0][0] == 1:
@@ -585,37 +700,36 @@ def load_data(data_dir, repair=False, build=lambda doc: doc):
     elif segments and not snapshots:
         problems.append(f"{os.path.join(data_dir, segments[0][1])} starts at record {segments[0][0]} and no "
                         "snapshot holds the records before it")
-    for source in candidates:
-        try:
-            doc = read_snapshot(source) if source else empty_doc()
-        except StorageError as exc:
-            problems.append(str(exc))
-            bad.append(source)
-            log.warning("%s; trying an older snapshot", exc)
-            continue
-        try:
-            doc, info = replay(data_dir, doc, segments, repair)
-            built = build(doc)
-        except (StorageError, KeyError, TypeError, ValueError) as exc:
-            what = str(exc) if isinstance(exc, StorageError) else f"{source or 'the journal'} holds a damaged " \
-                f"entry ({type(exc).__name__}: {exc})"
-            problems.append(what)
-            bad.append(source)
-            log.warning("%s", what)
-            continue
-        if repair:
-            for path in filter(None, bad):      # kept for inspection, out of the way of the next start
-                os.replace(path, path + ".corrupt")
-        info["problems"] = problems + info["problems"]
-        return built, info
+    collecting = gc.isenabled()
+    gc.disable()    # millions of objects are made and all live on: the collector would walk them in vain
+    try:
+        for source in candidates:
+            try:
+                head, built = read_snapshot(source, target) if source else ({"seq": 0}, target())
+                info = replay(data_dir, built, head["seq"], segments, repair)
+                built.loaded()
+            except (StorageError, KeyError, TypeError, ValueError) as exc:
+                what = str(exc) if isinstance(exc, StorageError) else f"{source or 'the journal'} holds a " \
+                    f"damaged entry ({type(exc).__name__}: {exc})"
+                problems.append(what)
+                bad.append(source)
+                log.warning("%s", what)
+                continue
+            if repair:
+                for path in filter(None, bad):      # kept for inspection, out of the way of the next start
+                    os.replace(path, path + ".corrupt")
+            info["problems"] = problems + info["problems"]
+            info["head"] = {**head, "seq": info["seq"]}
+            return built, info
+    finally:
+        if collecting:
+            gc.enable()
     raise StorageError("no good state can be rebuilt from the data directory " + data_dir + ": "
                        + "; ".join(problems))
 
 
-def replay(data_dir, doc, segments, repair):
-    index = {s: {item[SECTION_KEYS[s]]: item for item in doc[s]} for s in SECTIONS}
-    meta = dict(doc.get("meta", {}))
-    seq = doc["seq"]
+def replay(data_dir, target, seq, segments, repair):
+    """Apply the journal after record seq to the target. Returns the load info (last seq, segment, problems)."""
     needed = [(first, name) for i, (first, name) in enumerate(segments)
               if i + 1 == len(segments) or segments[i + 1][0] > seq + 1]
     if needed and needed[0][0] > seq + 1:
@@ -625,7 +739,7 @@ def replay(data_dir, doc, segments, repair):
         path = os.path.join(data_dir, name)
         if first > seq + 1:
             raise StorageError(f"{path} starts at record {first} but record {seq + 1} is missing")
-        seq, torn_at = read_segment(path, seq + 1, lambda record: apply_record(index, meta, record))
+        seq, torn_at = read_segment(path, seq + 1, lambda record: apply_record(target, record))
         seq -= 1
         if torn_at is not None:
             problems.append(f"{path} ends with a torn record at byte {torn_at} (an interrupted write, never "
@@ -637,9 +751,7 @@ def replay(data_dir, doc, segments, repair):
                 with open(path, "r+b") as f:
                     f.truncate(torn_at)
                     os.fsync(f.fileno())
-    result = {k: v for k, v in doc.items() if k not in SECTIONS}
-    result.update(seq=seq, meta=meta, **{s: list(index[s].values()) for s in SECTIONS})
-    return result, {"fresh": False, "segment": needed[-1] if needed else None, "seq": seq, "problems": problems}
+    return {"fresh": False, "segment": needed[-1] if needed else None, "seq": seq, "problems": problems}
 
 
 class DirLock:
@@ -811,17 +923,17 @@ class Store:
         self.last_snapshot_at = time.monotonic()
         self.snapshot_lock = threading.Lock()   # one snapshot writer at a time
 
-    def open(self, build):
-        """Lock the data dir and recover its state. Returns build(state document)."""
+    def open(self, target):
+        """Lock the data dir and recover its state into a new target. Returns (target, snapshot head)."""
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         try:
-            built, info = load_data(self.data_dir, repair=True, build=build)
+            built, info = load_data(self.data_dir, repair=True, target=target)
             seq, segment = info["seq"], info["segment"]
             reuse = segment[1] if segment and segment[0] <= seq + 1 else None
             self.journal = Journal(self.data_dir, seq + 1, reuse, self.fsync)
             self.snapshot_seq = seq if not info["fresh"] else 0
-            return built
+            return built, info["head"]
         except BaseException:
             self.lock.release()
             raise
@@ -847,7 +959,7 @@ class Store:
         for month, items in sorted(by_month.items()):
             path = os.path.join(self.data_dir, f"archive-{month}.jsonl")
             with open(path, "a", encoding="utf-8", opener=lambda p, f: os.open(p, f, 0o600)) as out:
-                out.writelines(json.dumps(t._asdict(), separators=(",", ":")) + "\n" for t in items)
+                out.writelines(entity_json(task) + "\n" for task in items)
                 out.flush()
                 self.fsync(out.fileno())
         fsync_dir(self.data_dir)
@@ -891,10 +1003,10 @@ class Store:
         self.lock.release()
 
 
-def backup_data(data_dir, dest, build=lambda doc: doc, attempts=5):
+def backup_data(data_dir, dest, target=Documents, attempts=5):
     """Write a consistent copy of a (possibly live) data dir into dest as one snapshot. The copy holds every
-    change acknowledged before the call began; build checks the document as a start would. Returns the
-    document written."""
+    change acknowledged before the call began; it is loaded into the target (the bridge's State checks every
+    entity as a start would). Returns the document written."""
     data_dir = os.path.abspath(data_dir)
     if not os.path.isdir(data_dir):
         raise StorageError(f"there is no data directory at {data_dir}")
@@ -903,15 +1015,14 @@ def backup_data(data_dir, dest, build=lambda doc: doc, attempts=5):
         raise StorageError(f"{dest} already holds bridge data; give an empty or new directory")
     for attempt in range(attempts):
         try:
-            doc, _ = load_data(data_dir, repair=False, build=build)
+            built, info = load_data(data_dir, repair=False, target=target)
             break
         except (FileNotFoundError, StorageError):
             # the live bridge rotated or pruned files while we read them; read again
             if attempt + 1 == attempts:
                 raise
             time.sleep(0.05)
-    doc["origin"] = "backup"
-    doc["backupAt"] = int(time.time() * 1000)
+    doc = {**info["head"], **built.freeze(info["seq"]), "origin": "backup", "backupAt": int(time.time() * 1000)}
     copy_archives(data_dir, dest)
     atomic_write(os.path.join(dest, f"snapshot-{doc['seq']:012d}.json"), snapshot_chunks(doc))
     return doc
@@ -981,7 +1092,8 @@ class Task(NamedTuple):
     createdAt: int = 0
     updatedAt: int = 0
     queuedAt: int = 0       # the bridge counter when it last entered the queue: queue order within a priority
-    history: tuple = ()     # ((at, event, by, note), ...), the latest HISTORY_LIMIT
+    history: str = "[]"     # [[at, event, by, note], ...], the latest HISTORY_LIMIT, as compact JSON text:
+    #                         a third of the memory of tuples, and written to disk as it is
 
 
 class Notification(NamedTuple):
@@ -1022,17 +1134,39 @@ def shared(value):
     return sys.intern(value) if type(value) is str else value
 
 
-def entity_from_json(cls, item):
-    """Build an entity from its stored JSON, tolerating fields added or dropped between versions."""
-    values = {f: item[f] for f in cls._fields if f in item}
-    for f in SHARED_FIELDS:
-        if f in values:
-            values[f] = shared(values[f])
-    for f in TUPLE_FIELDS.intersection(values):
-        values[f] = tuple(shared(v) for v in values[f])
-    if "history" in values:
-        values["history"] = tuple((at, shared(event), shared(by), note) for at, event, by, note in values["history"])
-    return cls(**values)
+def entity_from_json(cls, item, tuples=None):
+    """Build an entity from its stored JSON, tolerating fields added or dropped between versions. Repeated
+    strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists too."""
+    if tuple(item) == cls._fields:      # as this version writes it: the values in field order
+        values = list(item.values())
+    else:
+        values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
+    strings, lists, history = ENTITY_LAYOUT[cls]
+    for i in strings:
+        values[i] = shared(values[i])
+    for i in lists:
+        words = tuple(shared(v) for v in values[i])
+        values[i] = words if tuples is None else tuples.setdefault(words, words)
+    if history is not None and type(values[history]) is not str:
+        entries = values[history]
+        if not all(type(entry) in (list, tuple) and len(entry) == 4 for entry in entries):
+            raise ValueError("a history entry is not [at, event, by, note]")
+        values[history] = COMPACT(entries[-HISTORY_LIMIT:])
+    return cls._make(values)
+
+
+def entity_doc(entity):
+    """An entity as the plain JSON object that storage holds (a task's history as a list)."""
+    item = entity._asdict()
+    if "history" in item:
+        item["history"] = json.loads(item["history"])
+    return item
+
+
+ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
+                       [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
+                       cls._fields.index("history") if "history" in cls._fields else None)
+                 for cls in ENTITY_TYPES.values()}
 
 
 # --- validation: every field checked, a 400 that names it ---
@@ -1186,20 +1320,38 @@ class State:
         self.meta_changed = False
         self.soft_dirty = False
         self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
+        self.loading = {}       # while loading: one copy of each repeated role list (entity_from_json)
 
     @classmethod
     def from_doc(cls, doc):
         """Build the state from a state document; TypeError or ValueError when an entity is damaged."""
         state = cls()
         state.meta.update(doc.get("meta", {}))
-        for section, entity_type in ENTITY_TYPES.items():
-            put = getattr(state, "put_" + ENTITY_NAMES[section])
+        for section in SECTIONS:
             for item in doc.get(section, ()):
                 if not isinstance(item, dict):
                     raise ValueError(f"an entry of {section} is not an object")
-                put(entity_from_json(entity_type, item), record=False)
-        state.sort_queues()
+                state.load(section, item)
+        state.loaded()
         return state
+
+    # State is a load target of the Storage section (load_data), like Documents.
+
+    def load(self, section, item):
+        """Put one entity as storage holds it (a snapshot line or a journal put), recording nothing."""
+        if "historyAdd" in item:    # a task put carrying only the entries added to its history
+            before = self.tasks.get(item.get("id"))
+            item["history"] = (json.loads(before.history) if before else []) + item.pop("historyAdd")
+        entity = entity_from_json(ENTITY_TYPES[section], item, self.loading)
+        getattr(self, "put_" + ENTITY_NAMES[section])(entity, record=False)
+
+    def unload(self, section, key):
+        if key in getattr(self, section):
+            getattr(self, "drop_" + ENTITY_NAMES[section])(key, record=False)
+
+    def loaded(self):
+        self.sort_queues()
+        self.loading = None
 
     def sort_queues(self):
         """Queue order is the order tasks entered the queue (queuedAt), the same before and after a restart."""
@@ -1217,7 +1369,7 @@ class State:
         """The whole state as a plain JSON-ready document (what a snapshot file holds)."""
         doc = self.freeze(seq)
         for section in SECTIONS:
-            doc[section] = [entity._asdict() for entity in doc[section]]
+            doc[section] = [entity_doc(entity) for entity in doc[section]]
         return doc
 
     def take_changes(self):
@@ -1309,6 +1461,8 @@ class State:
             if added is not None:   # the journal carries the new history entries, not all 50 again
                 del item["history"]
                 item["historyAdd"] = added
+            else:
+                item["history"] = json.loads(task.history)
             self.record("tasks", task.id, old, ("put", "tasks", item))
         if old is not None:
             if old.assignedTo:
@@ -1382,7 +1536,8 @@ def task_instance(state, task):
 def render_task(state, task):
     view = task._asdict()
     view["instanceId"] = task_instance(state, task)
-    view["history"] = [{"at": at, "event": event, "by": by, "note": note} for at, event, by, note in task.history]
+    view["history"] = [{"at": at, "event": event, "by": by, "note": note}
+                       for at, event, by, note in json.loads(task.history)]
     return view
 
 
@@ -1453,12 +1608,25 @@ def health_score(state, instance_id, now):
 
 
 def add_history(task, now, event, by=None, note=None):
-    return task.history[-(HISTORY_LIMIT - 1):] + ((now.ms, event, by, note),)
+    """The task's history text with one entry more, the oldest dropped past HISTORY_LIMIT."""
+    entry = COMPACT([now.ms, event, by, note])
+    if task.history == "[]":
+        return f"[{entry}]"
+    # each boundary between entries is "],[" (a note may hold it too, which only overcounts): below the
+    # limit the entry is appended to the text without decoding it
+    if task.history.count("],[") + 1 < HISTORY_LIMIT:
+        return f"{task.history[:-1]},{entry}]"
+    return COMPACT(json.loads(task.history)[-(HISTORY_LIMIT - 1):] + [[now.ms, event, by, note]])
 
 
 def history_added(old, new):
-    """The entries that new adds at the end of old (cut to the latest HISTORY_LIMIT), or None when new is not
-    old plus a few entries."""
+    """The entries that history text new adds at the end of old (cut to the latest HISTORY_LIMIT), as a list,
+    or None when new is not old plus a few entries."""
+    if old == "[]":
+        return json.loads(new)
+    if new.startswith(old[:-1]) and new[len(old) - 1:len(old)] == ",":
+        return json.loads("[" + new[len(old):])
+    old, new = json.loads(old), json.loads(new)     # the oldest entries were dropped: compare the lists
     for count in range(min(len(new), 8) + 1):
         added = new[len(new) - count:]
         if (old + added)[-HISTORY_LIMIT:] == new:
@@ -2013,7 +2181,7 @@ def create_task(state, now, payload):
         roles=get_words(payload, "roles", MAX_ROLES), priority=get_priority(payload, DEFAULT_PRIORITY),
         preferredInstance=instance or preferred,
         tags=get_words(payload, "tags", MAX_TAGS), createdAt=now.ms, updatedAt=now.ms,
-        history=((now.ms, "created", None, None),))
+        history=COMPACT([[now.ms, "created", None, None]]))
     task = task._replace(queuedAt=state.tick(now))
     lane = get_lane(payload, default="queued")
     target = get_optional_id(payload, "assignedTo")
@@ -2294,9 +2462,10 @@ class Bridge:
     def open(cls, config, clock=None, fsync=os.fsync):
         """Lock and load the data dir, then write a snapshot when the state came from a backup copy."""
         store = Store(config.data_dir, fsync)
-        state, doc = store.open(build=lambda doc: (State.from_doc(doc), doc))
+        state, head = store.open(State)
+        gc.freeze()     # the loaded entities live on and hold no cycles: no collection need walk them again
         bridge = cls(store, state, config, clock)
-        if doc.get("origin") == "backup":
+        if head.get("origin") == "backup":
             bridge.run(rebase_restored)
             bridge.snapshot()
         return bridge
@@ -3841,7 +4010,8 @@ def restore(config, src):
         raise StorageError(f"there is no backup at {src}")
     if src == data_dir:
         raise StorageError("the backup and the data directory are the same directory")
-    doc, _ = load_data(src, build=lambda doc: State.from_doc(doc) and doc)
+    state, info = load_data(src, target=State)
+    doc = {**info["head"], **state.freeze(info["seq"])}
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     lock = DirLock(data_dir)
     lock.acquire()
@@ -3877,7 +4047,7 @@ def check(config):
         return 1
     snapshots, segments = list_data_files(data_dir)
     try:
-        state, info = load_data(data_dir, build=State.from_doc)
+        state, info = load_data(data_dir, target=State)
     except StorageError as exc:
         print(f"problem: {exc}")
         return 1
@@ -3988,7 +4158,7 @@ def main(argv=None):
         return healthcheck(config)
     try:
         if command == "backup":
-            doc = backup_data(config.data_dir, args.dest, build=lambda doc: State.from_doc(doc) and doc)
+            doc = backup_data(config.data_dir, args.dest, target=State)
             print(f"backup written to {args.dest}: {len(doc['agents'])} agents, {len(doc['tasks'])} tasks, "
                   f"journal record {doc['seq']}")
             return 0

@@ -189,8 +189,7 @@ class Sim:
         self.versions = {}          # task id -> (assignedTo, epoch) of its latest journaled version
         self.epoch_owner = {}       # (task id, epoch) -> assignedTo, over the whole run
         self.accepted = {}          # (task id, epoch) -> the agent whose verbs were accepted at that epoch
-        self.disk = {section: {} for section in cb.SECTIONS}    # the journal, replayed as it is written
-        self.disk_meta = {}
+        self.disk = cb.Documents()      # the journal, replayed as it is written
         self.seq = 0
         self.last_ops = []
         self.scenario = None        # a mass crash in progress
@@ -247,7 +246,7 @@ class Sim:
         if not ops and not meta:
             return
         self.seq += 1
-        cb.apply_record(self.disk, self.disk_meta, {"seq": self.seq, "ops": ops, "meta": meta or {}})
+        cb.apply_record(self.disk, {"seq": self.seq, "ops": ops, "meta": meta or {}})
         final = {}
         for kind, section, value in ops:
             if section != "tasks":
@@ -914,8 +913,7 @@ class Sim:
             how, doc = "snapshot", old.to_doc(self.seq)
         else:
             how = "journal"
-            doc = {"format": cb.FORMAT_NAME, "version": cb.FORMAT_VERSION, "seq": self.seq,
-                   "meta": dict(self.disk_meta), **{s: list(self.disk[s].values()) for s in cb.SECTIONS}}
+            doc = self.disk.freeze(self.seq)
         new = cb.State.from_doc(json.loads(json.dumps(doc)))
         soft = dict(lastHeartbeat=None, currentTask=None, reportedStatus=None)
         for section in ("tasks", "instances", "notifications", "agents"):

@@ -436,10 +436,10 @@ def test_load_data_rebuilds_the_live_state_from_journal_and_snapshots(open_live,
     directory = str(tmp_path / "data")
 
     def stored():
-        doc, _ = clawbridge.load_data(directory)
-        assert doc["seq"] == live.bridge.store.journal.written
-        assert doc["meta"] == live.bridge.state.meta
-        return sections(doc)
+        documents, info = clawbridge.load_data(directory)
+        assert info["seq"] == live.bridge.store.journal.written
+        assert documents.meta == live.bridge.state.meta
+        return sections(documents.freeze(info["seq"]))
 
     def in_memory():
         return sections(live.bridge.state.to_doc(0))

@@ -551,7 +551,7 @@ def make_fleet(agents, instances, tasks, max_tasks=3, queued=0.10, cancelled=0.0
             task = task._replace(lane="done", assignedTo=owner, epoch=1, version=4,
                                  history=(created, (at + 1, "task-assigned", "bridge", owner),
                                           (at + 2, "start", owner, None), (at + 3, "complete", owner, None)))
-        fleet_tasks.append(task)
+        fleet_tasks.append(task._replace(history=cb.COMPACT(task.history)))     # history is JSON text
     notes = []
     for n, agent in enumerate(fleet_agents):
         for k in range(notes_per_agent):

@@ -59,12 +59,12 @@ def make_state():
             tasks.append(cb.Task(id=f"task-{at}", title=f"failover task {n}", description=text, roles=("dev",),
                                  priority=cb.PRIORITIES[n % 4], lane="assigned" if n % 2 else "in_progress",
                                  assignedTo=owner, epoch=1, version=3, createdAt=at, updatedAt=at, queuedAt=at,
-                                 history=(created, (at, "task-assigned", "bridge", owner), (at, "start", owner, None))))
+                                 history=cb.COMPACT((created, (at, "task-assigned", "bridge", owner), (at, "start", owner, None)))))
         else:
             owner = agents[n % len(agents)].id
             tasks.append(cb.Task(id=f"task-{at}", title=f"finished task {n}", description=text, roles=("dev",),
                                  lane="done", assignedTo=owner, epoch=1, version=4, createdAt=at, updatedAt=at,
-                                 queuedAt=at, history=(created, (at, "complete", owner, None))))
+                                 queuedAt=at, history=cb.COMPACT((created, (at, "complete", owner, None)))))
     return agents, instances, tasks, {"lastId": base + len(tasks) + 1}
 
 
@@ -73,7 +73,7 @@ def domain(agents, instances, tasks, meta):
     cb = B.clawbridge()
     doc = cb.empty_doc()
     doc.update(meta=dict(meta), agents=[a._asdict() for a in agents], instances=[i._asdict() for i in instances],
-               tasks=[t._asdict() for t in tasks])
+               tasks=[cb.entity_doc(t) for t in tasks])
     state = cb.State.from_doc(doc)
     state.offline_after = OFFLINE_AFTER
     start_ms = meta["lastId"]

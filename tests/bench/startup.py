@@ -15,6 +15,7 @@ agents, task updates, task reads and agent task lists, then a POST /api/sync (a 
 the same.
 
 Run through tests/bench/run.py (--only startup); this file does nothing on its own."""
+import json
 import random
 import shutil
 import tempfile
@@ -41,9 +42,9 @@ def journal_records(fleet, count, seed=7):
         task = tasks[rng.choice(ids)]
         at = last_id + n
         task = task._replace(title=f"{task.title} (edited {n})", version=task.version + 1, updatedAt=at,
-                             history=task.history[-49:] + ((at, "updated", "api", "title"),))
+                             history=B.clawbridge().COMPACT(json.loads(task.history)[-49:] + [[at, "updated", "api", "title"]]))
         tasks[task.id] = task
-        records.append({"ops": [["put", "tasks", task._asdict()]], "meta": {"lastId": at}})
+        records.append({"ops": [["put", "tasks", B.clawbridge().entity_doc(task)]], "meta": {"lastId": at}})
     return records
 
 

@@ -41,7 +41,7 @@ def preload(data_dir, count):
     for n in range(count):
         task = clawbridge.Task(id=f"task-{now + n}", title=f"preloaded task {n}", description="x" * 200,
                                roles=("dev",), priority=clawbridge.PRIORITIES[n % 4], createdAt=now, updatedAt=now,
-                               history=((now, "created", None, None),))
+                               history=clawbridge.COMPACT([[now, "created", None, None]]))
         holder = agents[n // 3] if n < 3 * AGENTS else None
         if holder:
             task = task._replace(lane="assigned", assignedTo=holder.id, epoch=1, version=2)
@@ -50,7 +50,7 @@ def preload(data_dir, count):
         tasks.append(task)
     doc = clawbridge.empty_doc()
     doc.update(meta={"lastId": now + count}, agents=[a._asdict() for a in agents],
-               instances=[i._asdict() for i in instances], tasks=[t._asdict() for t in tasks])
+               instances=[i._asdict() for i in instances], tasks=[clawbridge.entity_doc(t) for t in tasks])
     os.makedirs(data_dir, mode=0o700)
     clawbridge.atomic_write(os.path.join(data_dir, "snapshot-000000000000.json"), clawbridge.snapshot_chunks(doc))
     return [t.id for t in tasks]
