@@ -412,10 +412,11 @@ def is_loopback(host):
 
 
 # ===== Storage =====
-# The data dir holds snapshots (snapshot-<seq>.json, one JSON document each) and journal segments
-# (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [["put", section, entity] or
-# ["del", section, key], ...], "meta"}; a task put may carry only the entries added to its history, as
-# "historyAdd"). Each acknowledged change is one journal record,
+# The data dir holds snapshots (snapshot-<seq>.json, one JSON document each, one entity a line) and journal
+# segments (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [op, ...], "meta"}, each op
+# ["put", section, entity] for a new entity, ["set", section, {key, changed fields}] for a changed one (a
+# task's history as "historyAdd", the entries added to it), or ["del", section, key]). Each acknowledged
+# change is one journal record,
 # fsynced before the reply is sent; a snapshot of the whole state is written off the request path every
 # SNAPSHOT_EVERY_CHANGES records or SNAPSHOT_EVERY_SECONDS, and the journal then starts a new segment.
 # The latest two snapshots and every segment after the older one are kept, so a corrupt snapshot falls
@@ -532,12 +533,16 @@ class Documents:
         self.meta = {}
         self.index = {section: {} for section in SECTIONS}
 
-    def load(self, section, item):
+    def load(self, section, item, text=None):
         """One stored entity (a snapshot line or a journal put)."""
-        key = item[SECTION_KEYS[section]]
-        if "historyAdd" in item:    # a task put carrying only the entries added to its history
-            before = self.index[section].get(key) or {}
-            item["history"] = (before.get("history", []) + item.pop("historyAdd"))[-HISTORY_LIMIT:]
+        self.index[section][item[SECTION_KEYS[section]]] = item
+
+    def update(self, section, changes):
+        """The fields of a stored entity that a journal "set" changed; KeyError when it is not there."""
+        key = changes[SECTION_KEYS[section]]
+        item = {**self.index[section][key], **changes}
+        if "historyAdd" in item:
+            item["history"] = (item["history"] + item.pop("historyAdd"))[-HISTORY_LIMIT:]
         self.index[section][key] = item
 
     def unload(self, section, key):
@@ -555,7 +560,9 @@ class SnapshotLayout(Exception):
     """A snapshot not laid out one entity a line as snapshot_chunks writes it: it is read whole instead."""
 
 
-SECTION_LINE = re.compile(rb'"([a-z]+)":\[(\]?)([,}]?)\n')
+SECTION_LINE = re.compile(r'"([a-z]+)":\[(\]?)([,}]?)\n')
+ENTITY_ENDS = {",\n": None, "],\n": ",", "]}\n": "}"}   # after an entity: more follow, its section ends, all ends
+RAW_DECODE = json.JSONDecoder().raw_decode      # json.loads without its per-call overhead (a third of it)
 
 
 def check_snapshot_head(path, head):
@@ -571,45 +578,37 @@ def stream_snapshot(path, f, target):
     """Load a snapshot written by snapshot_chunks a line at a time: each entity goes to the target as soon as
     it is read, so no second copy of the whole state is ever built. Returns the head (format, seq, meta, ...).
     Anything not exactly in that layout, a truncated file included, raises SnapshotLayout."""
-    first = f.readline()
-    if not (first.startswith(b"{") and first.endswith(b",\n")):
-        raise SnapshotLayout()
     try:
-        head = json.loads(first[:-2] + b"}")
-    except ValueError:
-        raise SnapshotLayout() from None
-    check_snapshot_head(path, head)
-    target.meta.update(head.get("meta", {}))
-    section, seen, done = None, set(), False
-    for line in f:
-        if done:
+        first = f.readline()
+        if not (first.startswith("{") and first.endswith(",\n")):
             raise SnapshotLayout()
-        if section is None:     # between sections: `"name":[`, or `"name":[]` and `,` or `}`
-            match = SECTION_LINE.fullmatch(line)
-            if not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
+        head = json.loads(first[:-2] + "}")
+        check_snapshot_head(path, head)
+        target.meta.update(head.get("meta", {}))
+        section, seen, done = None, set(), False
+        for line in f:
+            if done:
                 raise SnapshotLayout()
-            seen.add(match.group(1))
-            section = None if match.group(2) else match.group(1).decode()
-            done = match.group(3) == b"}"
-            continue
-        if line.endswith(b"},\n"):          # an entity, more follow
-            body, end = line[:-2], None
-        elif line.endswith(b"}],\n"):       # the last of its section
-            body, end = line[:-3], b","
-        elif line.endswith(b"}]}\n"):       # the last of the last section
-            body, end = line[:-3], b"}"
-        else:
-            raise SnapshotLayout()
-        try:
-            item = json.loads(body)
-        except ValueError:
-            raise SnapshotLayout() from None
-        if not isinstance(item, dict):
-            raise ValueError(f"an entry of {section} is not an object")
-        if section in SECTION_KEYS:     # a section this version does not know is skipped
-            target.load(section, item)
-        if end:
-            section, done = None, end == b"}"
+            if section is None:     # between sections: `"name":[`, or `"name":[]` and `,` or `}`
+                match = SECTION_LINE.fullmatch(line)
+                if not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
+                    raise SnapshotLayout()
+                seen.add(match.group(1))
+                section = None if match.group(2) else match.group(1)
+                done = match.group(3) == "}"
+                continue
+            item, end = RAW_DECODE(line)
+            after = ENTITY_ENDS.get(line[end:], False)
+            if after is False:
+                raise SnapshotLayout()
+            if not isinstance(item, dict):
+                raise ValueError(f"an entry of {section} is not an object")
+            if section in SECTION_KEYS:     # a section this version does not know is skipped
+                target.load(section, item, line[:end])
+            if after:
+                section, done = None, after == "}"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SnapshotLayout() from None
     if not done:
         raise SnapshotLayout()
     return {k: v for k, v in head.items() if k not in SECTIONS}
@@ -619,7 +618,7 @@ def read_snapshot(path, new_target):
     """Load one snapshot into a new target; returns (head, target). StorageError when it is not a complete,
     well-formed snapshot; TypeError or ValueError (from the target) when an entity in it is damaged."""
     try:
-        with open(path, "rb") as f:
+        with open(path, encoding="utf-8", newline="\n") as f:
             target = new_target()
             return stream_snapshot(path, f, target), target
     except SnapshotLayout:
@@ -643,6 +642,18 @@ def read_snapshot(path, new_target):
     return {k: v for k, v in doc.items() if k not in SECTIONS}, target
 
 
+def decode_line(line):
+    """json.loads of one line of bytes, cheaper for the compact lines this program writes."""
+    text = line.decode("utf-8")
+    try:
+        value, end = RAW_DECODE(text)
+        if end == len(text) - 1:
+            return value
+    except ValueError:
+        pass
+    return json.loads(text)     # white space around the value, or not JSON: as json.loads decides
+
+
 def read_segment(path, expect_seq, apply):
     """Apply the journal records of one segment from expect_seq on, reading it a line at a time. Returns the
     next expected seq and the offset of a torn last line (or None). A torn or unreadable line is allowed only
@@ -656,7 +667,7 @@ def read_segment(path, expect_seq, apply):
             record = None
             if line.endswith(b"\n"):
                 try:
-                    record = json.loads(line)
+                    record = decode_line(line)
                 except (ValueError, UnicodeDecodeError):
                     record = None
             if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
@@ -677,8 +688,12 @@ def apply_record(target, record):
         kind, section, value = op
         if kind == "put":
             target.load(section, value)
-        else:
+        elif kind == "set":
+            target.update(section, value)
+        elif kind == "del":
             target.unload(section, value)
+        else:
+            raise ValueError(f"unknown journal operation {kind!r}")
     target.meta.update(record.get("meta", {}))
 
 
@@ -1134,25 +1149,50 @@ def shared(value):
     return sys.intern(value) if type(value) is str else value
 
 
-def entity_from_json(cls, item, tuples=None):
-    """Build an entity from its stored JSON, tolerating fields added or dropped between versions. Repeated
-    strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists too."""
-    if tuple(item) == cls._fields:      # as this version writes it: the values in field order
+def entity_from_json(cls, item, tuples=None, text=None, base=None):
+    """Build an entity from its stored JSON (and, when given, the text it was decoded from), tolerating fields
+    added or dropped between versions; with base, an entity that item holds only the changed fields of.
+    Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists
+    too."""
+    if base is not None:
+        values = list(base)
+        for field, value in item.items():
+            if field in FIELD_INDEX[cls]:
+                values[FIELD_INDEX[cls][field]] = value
+    elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
         values = list(item.values())
     else:
         values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
+        text = None
     strings, lists, history = ENTITY_LAYOUT[cls]
     for i in strings:
-        values[i] = shared(values[i])
+        if type(values[i]) is str:
+            values[i] = sys.intern(values[i])
     for i in lists:
-        words = tuple(shared(v) for v in values[i])
-        values[i] = words if tuples is None else tuples.setdefault(words, words)
+        words = tuple(values[i])
+        known = tuples.get(words) if tuples is not None else None
+        if known is None:
+            known = tuple(shared(word) for word in words)
+            if tuples is not None:
+                tuples[known] = known
+        values[i] = known
     if history is not None and type(values[history]) is not str:
-        entries = values[history]
-        if not all(type(entry) in (list, tuple) and len(entry) == 4 for entry in entries):
-            raise ValueError("a history entry is not [at, event, by, note]")
-        values[history] = COMPACT(entries[-HISTORY_LIMIT:])
+        values[history] = history_from_json(values[history], text)
     return cls._make(values)
+
+
+def history_from_json(entries, text=None):
+    """A task's stored history as the text the task holds. text is the task's own JSON, as decoded: its
+    history, the last field, is taken from it as it stands where it is compact, rather than encoded again."""
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 4:
+            raise ValueError("a history entry is not [at, event, by, note]")
+    at = text.rfind(',"history":[') if text is not None and 0 < len(entries) <= HISTORY_LIMIT else -1
+    if at > 0 and text.endswith("]}"):     # no string holds `,"` unescaped: this is the last field's start
+        stored = text[at + 11:-1]
+        if stored.count("],[") >= len(entries) - 1:     # compact: entries apart as "],[" (history_extend)
+            return stored
+    return COMPACT(entries[-HISTORY_LIMIT:])
 
 
 def entity_doc(entity):
@@ -1163,6 +1203,29 @@ def entity_doc(entity):
     return item
 
 
+def entity_op(section, key, old, new):
+    """The journal op for one change: the whole entity when it is new, only the fields that changed when it
+    was there before (a task's history as the entries added to it, not all HISTORY_LIMIT again), or its
+    removal."""
+    if new is None:
+        return ("del", section, key)
+    if old is None:
+        return ("put", section, entity_doc(new))
+    changes = {SECTION_KEYS[section]: key}
+    for field, before, after in zip(new._fields, old, new):
+        if before is not after and before != after:
+            changes[field] = after
+    if "history" in changes:
+        added = history_added(old.history, new.history)
+        if added is None:
+            changes["history"] = json.loads(new.history)
+        else:
+            del changes["history"]
+            changes["historyAdd"] = added
+    return ("set", section, changes)
+
+
+FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in ENTITY_TYPES.values()}
 ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
                        [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
                        cls._fields.index("history") if "history" in cls._fields else None)
@@ -1337,12 +1400,18 @@ class State:
 
     # State is a load target of the Storage section (load_data), like Documents.
 
-    def load(self, section, item):
-        """Put one entity as storage holds it (a snapshot line or a journal put), recording nothing."""
-        if "historyAdd" in item:    # a task put carrying only the entries added to its history
-            before = self.tasks.get(item.get("id"))
-            item["history"] = (json.loads(before.history) if before else []) + item.pop("historyAdd")
-        entity = entity_from_json(ENTITY_TYPES[section], item, self.loading)
+    def load(self, section, item, text=None):
+        """Put one entity as storage holds it (a snapshot line, whose text may be given, or a journal put),
+        recording nothing."""
+        entity = entity_from_json(ENTITY_TYPES[section], item, self.loading, text)
+        getattr(self, "put_" + ENTITY_NAMES[section])(entity, record=False)
+
+    def update(self, section, changes):
+        """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""
+        before = getattr(self, section)[changes[SECTION_KEYS[section]]]
+        if "historyAdd" in changes:
+            changes["history"] = history_extend(before.history, changes.pop("historyAdd"))
+        entity = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before)
         getattr(self, "put_" + ENTITY_NAMES[section])(entity, record=False)
 
     def unload(self, section, key):
@@ -1400,9 +1469,10 @@ class State:
         """Something for the log, and with alert (the event name) for the webhook too."""
         self.events.append((level, message, alert))
 
-    def record(self, section, key, old, op):
-        """Note one durable change for the journal, and what it replaced for a rollback."""
-        self.changes.append(op)
+    def record(self, section, key, old, new):
+        """Note one durable change for the journal, and what it replaced for a rollback; new is the entity put,
+        or None when it is dropped."""
+        self.changes.append(entity_op(section, key, old, new))
         self.undo.append((section, key, old))
 
     def tick(self, now):
@@ -1421,7 +1491,7 @@ class State:
     def put_agent(self, agent, record=True):
         old = self.agents.get(agent.id)
         if record:
-            self.record("agents", agent.id, old, ("put", "agents", agent._asdict()))
+            self.record("agents", agent.id, old, agent)
         if old is not None and old.instanceId != agent.instanceId:
             self.members.get(old.instanceId, {}).pop(agent.id, None)
         self.members.setdefault(agent.instanceId, {})[agent.id] = None
@@ -1433,7 +1503,7 @@ class State:
     def drop_agent(self, agent_id, record=True):
         agent = self.agents.pop(agent_id)
         if record:
-            self.record("agents", agent_id, agent, ("del", "agents", agent_id))
+            self.record("agents", agent_id, agent, None)
         self.members.get(agent.instanceId, {}).pop(agent_id, None)
         self.active.pop(agent_id, None)
         self.inbox.pop(agent_id, None)
@@ -1443,27 +1513,20 @@ class State:
     def put_instance(self, instance, record=True):
         if record:
             old = self.instances.get(instance.instanceId)
-            self.record("instances", instance.instanceId, old, ("put", "instances", instance._asdict()))
+            self.record("instances", instance.instanceId, old, instance)
         self.instances[instance.instanceId] = instance
         self.members.setdefault(instance.instanceId, {})
 
     def drop_instance(self, instance_id, record=True):
         old = self.instances.pop(instance_id, None)
         if record:
-            self.record("instances", instance_id, old, ("del", "instances", instance_id))
+            self.record("instances", instance_id, old, None)
         self.members.pop(instance_id, None)
 
     def put_task(self, task, record=True):
         old = self.tasks.get(task.id)
         if record:
-            item = task._asdict()
-            added = history_added(old.history, task.history) if old is not None else None
-            if added is not None:   # the journal carries the new history entries, not all 50 again
-                del item["history"]
-                item["historyAdd"] = added
-            else:
-                item["history"] = json.loads(task.history)
-            self.record("tasks", task.id, old, ("put", "tasks", item))
+            self.record("tasks", task.id, old, task)
         if old is not None:
             if old.assignedTo:
                 self.active.get(old.assignedTo, {}).pop(old.id, None)
@@ -1478,7 +1541,7 @@ class State:
     def drop_task(self, task_id, record=True):
         task = self.tasks.pop(task_id)
         if record:
-            self.record("tasks", task_id, task, ("del", "tasks", task_id))
+            self.record("tasks", task_id, task, None)
         if task.assignedTo:
             self.active.get(task.assignedTo, {}).pop(task_id, None)
         self.queued[task.priority].pop(task_id, None)
@@ -1486,7 +1549,7 @@ class State:
     def put_notification(self, note, record=True):
         if record:
             old = self.notifications.get(note.id)
-            self.record("notifications", note.id, old, ("put", "notifications", note._asdict()))
+            self.record("notifications", note.id, old, note)
         self.notifications[note.id] = note
         self.inbox.setdefault(note.agentId, {})[note.id] = None
         unread = self.unread.setdefault(note.agentId, {})
@@ -1497,18 +1560,18 @@ class State:
 
     def put_audit(self, entry, record=True):
         if record:
-            self.record("audit", entry.id, self.audit.get(entry.id), ("put", "audit", entry._asdict()))
+            self.record("audit", entry.id, self.audit.get(entry.id), entry)
         self.audit[entry.id] = entry
 
     def drop_audit(self, entry_id, record=True):
         entry = self.audit.pop(entry_id)
         if record:
-            self.record("audit", entry_id, entry, ("del", "audit", entry_id))
+            self.record("audit", entry_id, entry, None)
 
     def drop_notification(self, note_id, record=True):
         note = self.notifications.pop(note_id)
         if record:
-            self.record("notifications", note_id, note, ("del", "notifications", note_id))
+            self.record("notifications", note_id, note, None)
         self.inbox.get(note.agentId, {}).pop(note_id, None)
         self.unread.get(note.agentId, {}).pop(note_id, None)
 
@@ -1608,15 +1671,22 @@ def health_score(state, instance_id, now):
 
 
 def add_history(task, now, event, by=None, note=None):
-    """The task's history text with one entry more, the oldest dropped past HISTORY_LIMIT."""
-    entry = COMPACT([now.ms, event, by, note])
-    if task.history == "[]":
-        return f"[{entry}]"
+    """The task's history text with one entry more."""
+    return history_extend(task.history, [[now.ms, event, by, note]])
+
+
+def history_extend(text, entries):
+    """History text with entries appended, the oldest dropped past HISTORY_LIMIT."""
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 4:
+            raise ValueError("a history entry is not [at, event, by, note]")
+    if text == "[]" or not entries:
+        return COMPACT(entries[-HISTORY_LIMIT:]) if entries else text
     # each boundary between entries is "],[" (a note may hold it too, which only overcounts): below the
-    # limit the entry is appended to the text without decoding it
-    if task.history.count("],[") + 1 < HISTORY_LIMIT:
-        return f"{task.history[:-1]},{entry}]"
-    return COMPACT(json.loads(task.history)[-(HISTORY_LIMIT - 1):] + [[now.ms, event, by, note]])
+    # limit the entries are appended to the text without decoding it
+    if text.count("],[") + 1 + len(entries) <= HISTORY_LIMIT:
+        return f"{text[:-1]},{COMPACT(entries)[1:]}"
+    return COMPACT((json.loads(text) + entries)[-HISTORY_LIMIT:])
 
 
 def history_added(old, new):

@@ -246,9 +246,9 @@ class Sim:
         if not ops and not meta:
             return
         self.seq += 1
-        cb.apply_record(self.disk, {"seq": self.seq, "ops": ops, "meta": meta or {}})
         final = {}
         for kind, section, value in ops:
+            cb.apply_record(self.disk, {"seq": self.seq, "ops": [(kind, section, value)]})
             if section != "tasks":
                 continue
             if kind == "del":
@@ -256,6 +256,7 @@ class Sim:
                     self.fail(f"the bridge deleted task {value}, which the test never deleted")
                 self.versions.pop(value, None)
                 continue
+            value = self.disk.index["tasks"][value["id"]]     # a "set" op holds only what changed
             task_id, who, epoch = value["id"], value["assignedTo"], value["epoch"]
             prev = self.versions.get(task_id)
             if prev is not None:
@@ -268,6 +269,7 @@ class Sim:
                 self.fail(f"epoch {epoch} of task {task_id} was given to {who} after {owner} had it")
             self.versions[task_id] = (who, epoch)
             final[task_id] = value
+        self.disk.meta.update(meta or {})
         for task_id, value in final.items():
             _at, event, by, target = value["history"][-1]
             if event in ("task-assigned", "task-reassigned") and by in AUTO:

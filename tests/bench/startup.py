@@ -3,9 +3,10 @@
 
 The data dir holds a snapshot (10k agents at 3 tasks each, 30k active tasks, 10% of the rest queued, 5%
 cancelled, the rest done; one unread notification per agent) plus a long journal after it: JOURNAL records
-that each update one task (a put of the whole task, as the bridge journals it). A bridge snapshots every
-SNAPSHOT_EVERY_CHANGES (10,000) records, so 50,000 records is what a bridge leaves when its snapshots have
-failed or it was killed while writing several; a second figure restarts on a 10,000-record journal.
+that each update one task (the task with its one new history entry, as the bridge journals it). A bridge
+snapshots every SNAPSHOT_EVERY_CHANGES (10,000) records, so 50,000 records is what a bridge leaves when its
+snapshots have failed or it was killed while writing several; a second figure restarts on a 10,000-record
+journal.
 
 Start-up is the wall time from starting `python3 clawbridge.py --port 0 --data-dir DIR` to its "Bridge
 running" log line, and to GET /health answering 200 (the median of RESTARTS starts, each on a fresh copy of
@@ -15,7 +16,6 @@ agents, task updates, task reads and agent task lists, then a POST /api/sync (a 
 the same.
 
 Run through tests/bench/run.py (--only startup); this file does nothing on its own."""
-import json
 import random
 import shutil
 import tempfile
@@ -32,19 +32,22 @@ RSS_TARGET = 150            # MB while serving
 
 
 def journal_records(fleet, count, seed=7):
-    """count records, each an update of one random task (new title, version and history entry)."""
+    """count records, each an update of one random task (new title and version, one more history entry), as
+    the bridge journals such an update (the task with only its new history entry)."""
+    cb = B.clawbridge()
     rng = random.Random(seed)
-    tasks = {t.id: t for t in fleet.tasks}
-    ids = list(tasks)
+    state = cb.State()
+    for task in fleet.tasks:
+        state.put_task(task, record=False)
+    ids = list(state.tasks)
     last_id = fleet.meta["lastId"]
     records = []
     for n in range(count):
-        task = tasks[rng.choice(ids)]
+        task = state.tasks[rng.choice(ids)]
         at = last_id + n
-        task = task._replace(title=f"{task.title} (edited {n})", version=task.version + 1, updatedAt=at,
-                             history=B.clawbridge().COMPACT(json.loads(task.history)[-49:] + [[at, "updated", "api", "title"]]))
-        tasks[task.id] = task
-        records.append({"ops": [["put", "tasks", B.clawbridge().entity_doc(task)]], "meta": {"lastId": at}})
+        state.put_task(task._replace(title=f"{task.title} (edited {n})", version=task.version + 1, updatedAt=at,
+                                     history=cb.add_history(task, cb.Now(0.0, at), "updated", "api", "title")))
+        records.append({"ops": state.take_changes().ops, "meta": {"lastId": at}})
     return records
 
 
