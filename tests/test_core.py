@@ -270,6 +270,31 @@ def test_state_document_round_trip(world):
     assert copy.active == world.state.active and copy.meta == world.state.meta
 
 
+def test_a_history_keeps_its_latest_entries_whatever_its_notes_hold(world):
+    """A task's history is JSON text; appending never decodes it below the limit, and past it the oldest
+    entries go, even when notes hold the text that separates entries."""
+    task = world.state.tasks[world.task()["id"]]
+    now = world.clock.now()
+    for n in range(cb.HISTORY_LIMIT + 15):
+        note = "],[" * (n % 3) + f"note {n}"
+        task = task._replace(history=cb.add_history(task, cb.Now(now.mono, now.ms + n), "updated", "api", note))
+        entries = json.loads(task.history)
+        assert len(entries) == min(n + 2, cb.HISTORY_LIMIT) and entries[-1][3] == note
+    assert [e[3] for e in entries] == ["],[" * (n % 3) + f"note {n}" for n in range(15, cb.HISTORY_LIMIT + 15)]
+    assert cb.render_task(world.state, task)["history"][-1] == {"at": now.ms + cb.HISTORY_LIMIT + 14,
+                                                              "event": "updated", "by": "api", "note": note}
+
+
+def test_the_journal_carries_only_the_history_entries_a_change_adds():
+    one, two = '[[1,"created",null,null]]', '[[1,"created",null,null],[2,"start","a1",null]]'
+    assert cb.history_added("[]", one) == [[1, "created", None, None]]
+    assert cb.history_added(one, two) == [[2, "start", "a1", None]]
+    full = cb.COMPACT([[n, "updated", "api", None] for n in range(cb.HISTORY_LIMIT)])
+    moved = cb.COMPACT([[n, "updated", "api", None] for n in range(1, cb.HISTORY_LIMIT + 1)])
+    assert cb.history_added(full, moved) == [[cb.HISTORY_LIMIT, "updated", "api", None]], "past the limit"
+    assert cb.history_added(two, one) is None, "not an append: the journal writes the whole history"
+
+
 # --- config ---
 
 def test_dotenv_reads_the_guides_format():

@@ -494,6 +494,54 @@ def test_a_long_history_is_journaled_as_its_new_entries_and_rebuilt_whole(open_l
     assert ok(open_live().call("GET", f"/api/tasks/{task['id']}")) == before
 
 
+def test_a_changed_task_is_journaled_as_the_fields_that_changed_and_replayed_whole(open_live, clock):
+    """A new entity is journaled whole ("put"); a change to one as the fields that changed ("set"); a restart
+    from the journal alone rebuilds every field."""
+    live = open_live()
+    register(live, "w1", roles=["dev"])
+    task = new_task(live, title="before", description="stays as it was", roles=["dev"], tags=["t"])
+    clock.advance(1)
+    after = put_task(live, task["id"], title="after")
+    records = [json.loads(line) for line in newest_segment(Path(live.config.data_dir)).read_text().splitlines()]
+    [(kind, _, item)] = [op for op in records[-1]["ops"] if op[1] == "tasks"]     # beside its audit entry
+    assert kind == "set" and set(item) == {"id", "title", "version", "updatedAt", "historyAdd"}, item
+    assert item["title"] == "after" and item["historyAdd"] == [[after["updatedAt"], "updated", "api", "title"]]
+    created = [op for record in records for op in record["ops"] if op[1] == "tasks" and op[0] == "put"]
+    assert created and set(created[0][2]) == set(clawbridge.Task._fields), "a new task is journaled whole"
+    live.close()
+    assert ok(open_live().call("GET", f"/api/tasks/{task['id']}")) == after
+
+
+@pytest.mark.parametrize("layout", ["indented", "one line"])
+def test_a_snapshot_in_another_json_layout_loads_the_same_state(open_live, tmp_path, layout):
+    """Snapshots are read a line at a time as the bridge writes them; any other layout of the same JSON (an
+    operator's jq or a hand edit) is read whole, to the same state."""
+    live = open_live()
+    populate(live)
+    live.bridge.snapshot()
+    directory = Path(live.config.data_dir)
+    expected = sections(live.bridge.state.to_doc(0))
+    live.close()
+    [snapshot] = directory.glob("snapshot-*.json")
+    doc = json.loads(snapshot.read_text())
+    snapshot.write_text(json.dumps(doc, indent=2) if layout == "indented" else json.dumps(doc))
+    state, info = clawbridge.load_data(str(directory), target=clawbridge.State)
+    assert info["problems"] == [] and sections(state.to_doc(0)) == expected
+    moved = [t for t in state.tasks.values() if json.loads(t.history)[-1][1] == "task-assigned"][0]
+    longer = clawbridge.add_history(moved, clawbridge.Now(0.0, 10 ** 13), "note", "api", None)
+    assert json.loads(longer)[:-1] == json.loads(moved.history), "a history read whole takes appends"
+
+
+@pytest.mark.parametrize("op", [["frob", "tasks", "task-1"], ["set", "tasks", {"id": "nobody", "title": "x"}],
+                                ["put", "tasks", {"id": "t", "title": "x", "history": [["not", "four"]]}]])
+def test_a_damaged_journal_operation_refuses_to_start_rather_than_guess(tmp_path, op):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    (directory / "journal-000000000001.jsonl").write_text(json.dumps({"seq": 1, "ops": [op]}) + "\n")
+    with pytest.raises(clawbridge.StorageError, match="damaged entry"):
+        clawbridge.load_data(str(directory), target=clawbridge.State)
+
+
 def test_ids_and_epochs_never_repeat_after_a_restart_even_if_the_clock_went_back(open_live, clock):
     live = open_live()
     register(live, "a1", maxConcurrentTasks=100)
