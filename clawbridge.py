@@ -2534,7 +2534,6 @@ class Bridge:
         store = Store(config.data_dir, fsync)
         state, head = store.open(State)
         gc.freeze()     # the loaded entities live on and hold no cycles: no collection need walk them again
-        return_free_memory()
         bridge = cls(store, state, config, clock)
         if head.get("origin") == "backup":
             bridge.run(rebase_restored)
@@ -2664,17 +2663,6 @@ class Bridge:
                 self.snapshot()
         finally:
             self.store.close()
-
-
-def return_free_memory():
-    """Give the C heap's free pages back to the system. Compiling this file alone leaves some 10 MB free
-    inside glibc's heap, where the interpreter's small objects never go, so it would stay resident for
-    ever. A no-op where the C library has no malloc_trim (musl, macOS) or ctypes is missing."""
-    try:
-        import ctypes   # here, not at the top: some minimal Python builds leave ctypes out
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
 
 
 def rebase_restored(state, now):
