@@ -461,7 +461,8 @@ def atomic_write(path, chunks, fsync=os.fsync):
         raise
 
 
-COMPACT = json.JSONEncoder(separators=(",", ":")).encode     # JSON as every data file holds it
+# JSON as every data file holds it; stored data is decoded JSON or entity tuples, never circular
+COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 def entity_json(item):
@@ -1140,7 +1141,8 @@ ENTITY_NAMES = {"agents": "agent", "instances": "instance", "tasks": "task", "no
 TUPLE_FIELDS = {"roles", "tags"}
 
 
-SHARED_FIELDS = ("lane", "priority", "assignedTo", "preferredInstance", "agentId", "instanceId", "status", "type")
+SHARED_FIELDS = ("lane", "priority", "assignedTo", "preferredInstance", "agentId", "instanceId", "status", "type",
+                 "hostname", "model")     # values that many entities repeat
 
 
 def shared(value):
@@ -1154,17 +1156,19 @@ def entity_from_json(cls, item, tuples=None, text=None, base=None):
     added or dropped between versions; with base, an entity that item holds only the changed fields of.
     Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists
     too."""
+    strings, lists, history = ENTITY_LAYOUT[cls]
     if base is not None:
-        values = list(base)
+        values, index = list(base), FIELD_INDEX[cls]
+        changed = {index[field] for field in item if field in index}
         for field, value in item.items():
-            if field in FIELD_INDEX[cls]:
-                values[FIELD_INDEX[cls][field]] = value
+            if field in index:
+                values[index[field]] = value
+        strings, lists = [i for i in strings if i in changed], [i for i in lists if i in changed]
     elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
         values = list(item.values())
     else:
         values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
         text = None
-    strings, lists, history = ENTITY_LAYOUT[cls]
     for i in strings:
         if type(values[i]) is str:
             values[i] = sys.intern(values[i])
