@@ -3734,16 +3734,22 @@ class BridgeServer(ThreadingHTTPServer):
     them. When full, a new connection takes the place of the oldest one that is only waiting (idle
     keep-alive, or a request still trickling in); when every connection is busy for ADMIT_WAIT it gets 503.
     A request that has not fully arrived within REQUEST_DEADLINE is dropped. Requests in flight are
-    counted so that SIGTERM can let them finish."""
+    counted so that SIGTERM can let them finish. A thread whose connection has ended waits, as one of at most
+    spare_threads spare ones, for the next connection."""
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = REQUEST_QUEUE_SIZE
+    spare_threads = 32      # enough for a burst of short connections; more would only hold memory
 
     def __init__(self, address, bridge):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        # before the bind: a failing one calls server_close
+        self.spares = []            # [wake lock, connection] of each thread waiting for a connection
+        self.spare_lock = threading.Lock()
+        self.closed = False
         super().__init__(address, Handler)
         self.bridge = bridge
         self.throttle = AuthThrottle()
@@ -3757,7 +3763,7 @@ class BridgeServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if self.admit(request):
-            super().process_request(request, client_address)
+            self.start_connection(request, client_address)
             return
         log.warning("all %d connections are busy; answering 503 to %s", self.max_connections, client_address[0])
         try:
@@ -3768,6 +3774,43 @@ class BridgeServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+
+    def start_connection(self, request, client_address):
+        """Serve an admitted connection on a spare thread, or on a new one when none is spare: starting (and
+        ending) a thread costs about as much CPU as answering a heartbeat."""
+        with self.spare_lock:
+            spare = self.spares.pop() if self.spares else None
+        if spare is None:
+            threading.Thread(target=self.serve_connections, args=(request, client_address),
+                             daemon=self.daemon_threads).start()
+        else:
+            spare[1] = request, client_address
+            spare[0].release()
+
+    def serve_connections(self, request, client_address):
+        """The life of a connection thread: serve a connection, then wait as a spare for the next one, unless
+        spare_threads are spare already or the server is closed."""
+        wake = threading.Lock()
+        wake.acquire()      # held while the thread is not spare, so that waiting is one more acquire
+        spare = [wake, None]
+        while True:
+            self.process_request_thread(request, client_address)
+            with self.spare_lock:
+                if self.closed or len(self.spares) >= self.spare_threads:
+                    return
+                self.spares.append(spare)
+            wake.acquire()      # until start_connection hands over a connection or server_close ends it
+            if spare[1] is None:
+                return
+            (request, client_address), spare[1] = spare[1], None
+
+    def server_close(self):
+        super().server_close()
+        with self.spare_lock:
+            self.closed = True
+            spares, self.spares = self.spares, []
+        for wake, _ in spares:
+            wake.release()      # with no connection: the thread ends
 
     def admit(self, sock):
         """Take a connection slot for sock, making room by evicting a waiting connection if need be."""

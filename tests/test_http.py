@@ -1016,6 +1016,28 @@ def test_300_concurrent_heartbeats_each_on_a_new_connection(live):
     assert all(200 <= status < 300 and success is True for status, success in results)
 
 
+def test_connection_threads_are_reused_and_end_with_the_server(tmp_path):
+    """A thread whose connection has ended serves a later one (starting a thread per connection costs as
+    much CPU as a heartbeat), and the spare threads end with the server."""
+    live = LiveBridge(tmp_path / "data")
+    before = set(threading.enumerate())
+    try:
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):    # to the server's end of the connection
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        started = set(threading.enumerate()) - before
+        assert 1 <= len(started) < 10, f"{len(started)} threads for 40 connections one after another"
+    finally:
+        live.close()
+    for thread in started:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in started), "spare threads outlive the server"
+
+
 def test_a_request_that_fails_halfway_changes_nothing(live):
     """Each request is one transaction: a heartbeat that acknowledges a notification but carries a bad field
     is refused whole, and the notification stays unread."""
