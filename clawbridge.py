@@ -1156,32 +1156,34 @@ def entity_from_json(cls, item, tuples=None, text=None, base=None):
     added or dropped between versions; with base, an entity that item holds only the changed fields of.
     Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists
     too."""
-    strings, lists, history = ENTITY_LAYOUT[cls]
+    kinds = FIELD_KINDS[cls]
     if base is not None:
-        values, index = list(base), FIELD_INDEX[cls]
-        changed = {index[field] for field in item if field in index}
+        values, index, touched = list(base), FIELD_INDEX[cls], []
         for field, value in item.items():
-            if field in index:
-                values[index[field]] = value
-        strings, lists = [i for i in strings if i in changed], [i for i in lists if i in changed]
+            i = index.get(field)
+            if i is not None:
+                values[i] = value
+                if i in kinds:
+                    touched.append(i)
     elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
-        values = list(item.values())
+        values, touched = list(item.values()), kinds
     else:
-        values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
-        text = None
-    for i in strings:
-        if type(values[i]) is str:
-            values[i] = sys.intern(values[i])
-    for i in lists:
-        words = tuple(values[i])
-        known = tuples.get(words) if tuples is not None else None
-        if known is None:
-            known = tuple(shared(word) for word in words)
-            if tuples is not None:
-                tuples[known] = known
-        values[i] = known
-    if history is not None and type(values[history]) is not str:
-        values[history] = history_from_json(values[history], text)
+        values, touched, text = list(cls(**{f: item[f] for f in cls._fields if f in item})), kinds, None
+    for i in touched:
+        kind, value = kinds[i], values[i]
+        if kind == "shared":
+            if type(value) is str:
+                values[i] = sys.intern(value)
+        elif kind == "words":
+            words = tuple(value)
+            known = tuples.get(words) if tuples is not None else None
+            if known is None:
+                known = tuple(shared(word) for word in words)
+                if tuples is not None:
+                    tuples[known] = known
+            values[i] = known
+        elif type(value) is not str:    # a task's history, held as text
+            values[i] = history_from_json(value, text)
     return cls._make(values)
 
 
@@ -1230,10 +1232,9 @@ def entity_op(section, key, old, new):
 
 
 FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in ENTITY_TYPES.values()}
-ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
-                       [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
-                       cls._fields.index("history") if "history" in cls._fields else None)
-                 for cls in ENTITY_TYPES.values()}
+FIELD_KINDS = {cls: {i: "shared" if f in SHARED_FIELDS else "words" if f in TUPLE_FIELDS else "history"
+                     for i, f in enumerate(cls._fields) if f in SHARED_FIELDS or f in TUPLE_FIELDS or f == "history"}
+               for cls in ENTITY_TYPES.values()}   # the fields entity_from_json normalises, by position
 
 
 # --- validation: every field checked, a 400 that names it ---
@@ -1407,16 +1408,15 @@ class State:
     def load(self, section, item, text=None):
         """Put one entity as storage holds it (a snapshot line, whose text may be given, or a journal put),
         recording nothing."""
-        entity = entity_from_json(ENTITY_TYPES[section], item, self.loading, text)
-        getattr(self, "put_" + ENTITY_NAMES[section])(entity, record=False)
+        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading, text), record=False)
 
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""
         before = getattr(self, section)[changes[SECTION_KEYS[section]]]
         if "historyAdd" in changes:
             changes["history"] = history_extend(before.history, changes.pop("historyAdd"))
-        entity = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before)
-        getattr(self, "put_" + ENTITY_NAMES[section])(entity, record=False)
+        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before),
+                            record=False)
 
     def unload(self, section, key):
         if key in getattr(self, section):
@@ -1578,6 +1578,9 @@ class State:
             self.record("notifications", note_id, note, None)
         self.inbox.get(note.agentId, {}).pop(note_id, None)
         self.unread.get(note.agentId, {}).pop(note_id, None)
+
+
+STATE_PUTS = {section: getattr(State, "put_" + ENTITY_NAMES[section]) for section in SECTIONS}
 
 
 # --- reading: what the API shows ---
