@@ -1156,34 +1156,29 @@ def entity_from_json(cls, item, tuples=None, text=None, base=None):
     added or dropped between versions; with base, an entity that item holds only the changed fields of.
     Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists
     too."""
-    kinds = FIELD_KINDS[cls]
     if base is not None:
-        values, index, touched = list(base), FIELD_INDEX[cls], []
+        values, index = list(base), FIELD_INDEX[cls]
         for field, value in item.items():
-            i = index.get(field)
-            if i is not None:
-                values[i] = value
-                if i in kinds:
-                    touched.append(i)
+            if field in index:
+                values[index[field]] = value
     elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
-        values, touched = list(item.values()), kinds
+        values = list(item.values())
     else:
-        values, touched, text = list(cls(**{f: item[f] for f in cls._fields if f in item})), kinds, None
-    for i in touched:
-        kind, value = kinds[i], values[i]
-        if kind == "shared":
-            if type(value) is str:
-                values[i] = sys.intern(value)
-        elif kind == "words":
-            words = tuple(value)
-            known = tuples.get(words) if tuples is not None else None
-            if known is None:
-                known = tuple(shared(word) for word in words)
-                if tuples is not None:
-                    tuples[known] = known
-            values[i] = known
-        elif type(value) is not str:    # a task's history, held as text
-            values[i] = history_from_json(value, text)
+        values, text = list(cls(**{f: item[f] for f in cls._fields if f in item})), None
+    strings, lists, history = ENTITY_LAYOUT[cls]
+    for i in strings:       # shared already (base) is shared again at the cost of a lookup
+        if type(values[i]) is str:
+            values[i] = sys.intern(values[i])
+    for i in lists:
+        words = tuple(values[i])
+        known = tuples.get(words) if tuples is not None else None
+        if known is None:
+            known = tuple(shared(word) for word in words)
+            if tuples is not None:
+                tuples[known] = known
+        values[i] = known
+    if history is not None and type(values[history]) is not str:
+        values[history] = history_from_json(values[history], text)
     return cls._make(values)
 
 
@@ -1232,9 +1227,10 @@ def entity_op(section, key, old, new):
 
 
 FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in ENTITY_TYPES.values()}
-FIELD_KINDS = {cls: {i: "shared" if f in SHARED_FIELDS else "words" if f in TUPLE_FIELDS else "history"
-                     for i, f in enumerate(cls._fields) if f in SHARED_FIELDS or f in TUPLE_FIELDS or f == "history"}
-               for cls in ENTITY_TYPES.values()}   # the fields entity_from_json normalises, by position
+ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
+                       [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
+                       cls._fields.index("history") if "history" in cls._fields else None)
+                 for cls in ENTITY_TYPES.values()}     # the fields entity_from_json normalises, by position
 
 
 # --- validation: every field checked, a 400 that names it ---
