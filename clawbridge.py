@@ -412,7 +412,8 @@ def is_loopback(host):
 
 
 # ===== Storage =====
-# The data dir holds snapshots (snapshot-<seq>.json, one JSON document each, one entity a line) and journal
+# The data dir holds snapshots (snapshot-<seq>.json, one JSON document each: a head line naming the fields
+# of each section, then one entity a line as a row of values; format 1 wrote objects) and journal
 # segments (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [op, ...], "meta"}, each op
 # ["put", section, entity] for a new entity, ["set", section, {key, changed fields}] for a changed one (a
 # task's history as "historyAdd", the entries added to it), or ["del", section, key]). Each acknowledged
@@ -428,7 +429,7 @@ LOCK_FILE = "lock"
 SECTIONS = ("agents", "instances", "tasks", "notifications", "audit")
 SECTION_KEYS = {"agents": "id", "instances": "instanceId", "tasks": "id", "notifications": "id", "audit": "id"}
 FORMAT_NAME = "clawbridge-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: entities as rows of values, named once in the head's "fields"
 
 
 def fsync_dir(path):
@@ -477,15 +478,28 @@ def entity_json(item):
     return COMPACT(item)[:-1] + ',"history":' + history + "}"
 
 
+def entity_row(item, cls):
+    """One entity as a snapshot row: its values in field order. item is an entity tuple (a task's history,
+    its last field, is JSON text already and goes in as it is) or a plain stored object."""
+    if type(item) is dict:
+        return COMPACT([item[f] if f in item else cls._field_defaults[f] for f in cls._fields])
+    if cls._fields[-1] == "history":
+        return COMPACT(list(item[:-1]))[:-1] + "," + item[-1] + "]"
+    return COMPACT(list(item))
+
+
 def snapshot_chunks(doc):
     """Serialise a state document piece by piece, so one large json.dumps never holds the interpreter for
-    the whole state while requests wait."""
+    the whole state while requests wait: the head (with the field names of each section) on the first line,
+    then one entity a line, as a row of values."""
     head = {k: v for k, v in doc.items() if k not in SECTIONS}
+    head.update(version=FORMAT_VERSION, fields={section: list(ENTITY_TYPES[section]._fields) for section in SECTIONS})
     yield json.dumps(head, separators=(",", ":"))[:-1]
     for section in SECTIONS:
+        cls = ENTITY_TYPES[section]
         yield f',\n"{section}":['
         for i, item in enumerate(doc.get(section, ())):
-            yield ("\n" if i == 0 else ",\n") + entity_json(item)     # entity tuples from State.freeze
+            yield ("\n" if i == 0 else ",\n") + entity_row(item, cls)     # entity tuples from State.freeze
         yield "]"
     yield "}\n"
 
@@ -534,8 +548,11 @@ class Documents:
         self.meta = {}
         self.index = {section: {} for section in SECTIONS}
 
-    def load(self, section, item, text=None):
-        """One stored entity (a snapshot line or a journal put)."""
+    def load(self, section, item):
+        """One stored entity (a snapshot line or a journal put): an object, or a row in this version's field
+        order."""
+        if type(item) is list:
+            item = dict(zip(ENTITY_TYPES[section]._fields, item))
         self.index[section][item[SECTION_KEYS[section]]] = item
 
     def update(self, section, changes):
@@ -567,12 +584,30 @@ RAW_DECODE = json.JSONDecoder().raw_decode      # json.loads without its per-cal
 
 
 def check_snapshot_head(path, head):
+    """The head of a snapshot, checked; returns {section: field names} of its rows (empty where its entities
+    are objects, as format 1 wrote them and the in-memory documents of State.to_doc hold them)."""
     if not isinstance(head, dict) or head.get("format") != FORMAT_NAME or not isinstance(head.get("seq"), int) \
             or not isinstance(head.get("meta", {}), dict):
         raise StorageError(f"{path} is not a clawbridge snapshot")
     if head.get("version", 0) > FORMAT_VERSION:
         raise StorageError(f"{path} was written by a newer clawbridge (format {head.get('version')})")
-    return head
+    fields = head.get("fields", {})
+    if not isinstance(fields, dict) or not all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                               for names in fields.values()):
+        raise StorageError(f"{path} is not a clawbridge snapshot (its field names are damaged)")
+    return {section: tuple(names) for section, names in fields.items()}
+
+
+def load_entity(target, path, section, item, fields):
+    """Hand one snapshot entity to the target: an object as it is; a row of values as an object, or as it is
+    when its fields are this version's."""
+    if isinstance(item, dict):
+        target.load(section, item)
+        return
+    names = fields.get(section)
+    if not isinstance(item, list) or names is None or len(item) != len(names):
+        raise ValueError(f"an entry of {section} in {path} is neither an object nor a row of its fields")
+    target.load(section, item if names == ENTITY_TYPES[section]._fields else dict(zip(names, item)))
 
 
 def stream_snapshot(path, f, target):
@@ -584,7 +619,7 @@ def stream_snapshot(path, f, target):
         if not (first.startswith("{") and first.endswith(",\n")):
             raise SnapshotLayout()
         head = json.loads(first[:-2] + "}")
-        check_snapshot_head(path, head)
+        fields = check_snapshot_head(path, head)
         target.meta.update(head.get("meta", {}))
         section, seen, done = None, set(), False
         for line in f:
@@ -597,15 +632,18 @@ def stream_snapshot(path, f, target):
                 seen.add(match.group(1))
                 section = None if match.group(2) else match.group(1)
                 done = match.group(3) == "}"
+                # rows of this version's fields go to the target as they are
+                direct = section in SECTION_KEYS and fields.get(section) == ENTITY_TYPES[section]._fields
+                width = len(fields.get(section, ()))
                 continue
             item, end = RAW_DECODE(line)
             after = ENTITY_ENDS.get(line[end:], False)
             if after is False:
                 raise SnapshotLayout()
-            if not isinstance(item, dict):
-                raise ValueError(f"an entry of {section} is not an object")
-            if section in SECTION_KEYS:     # a section this version does not know is skipped
-                target.load(section, item, line[:end])
+            if direct and type(item) is list and len(item) == width:
+                target.load(section, item)
+            elif section in SECTION_KEYS:       # a section this version does not know is skipped
+                load_entity(target, path, section, item, fields)
             if after:
                 section, done = None, after == "}"
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -629,18 +667,21 @@ def read_snapshot(path, new_target):
             doc = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StorageError(f"{path} is not valid JSON ({exc})") from None
-    check_snapshot_head(path, doc)
     target = new_target()
+    return load_document(path, doc, target), target
+
+
+def load_document(path, doc, target):
+    """Load a whole snapshot document into the target; returns its head."""
+    fields = check_snapshot_head(path, doc)
     target.meta.update(doc.get("meta", {}))
     for section in SECTIONS:
         items = doc.get(section, [])     # a section added since the snapshot was written starts empty
         if not isinstance(items, list):
             raise StorageError(f"{path} is not a clawbridge snapshot ({section} is not a list)")
         for item in items:
-            if not isinstance(item, dict):
-                raise ValueError(f"an entry of {section} is not an object")
-            target.load(section, item)
-    return {k: v for k, v in doc.items() if k not in SECTIONS}, target
+            load_entity(target, path, section, item, fields)
+    return {k: v for k, v in doc.items() if k not in SECTIONS}
 
 
 def decode_line(line):
@@ -1151,20 +1192,22 @@ def shared(value):
     return sys.intern(value) if type(value) is str else value
 
 
-def entity_from_json(cls, item, tuples=None, text=None, base=None):
-    """Build an entity from its stored JSON (and, when given, the text it was decoded from), tolerating fields
-    added or dropped between versions; with base, an entity that item holds only the changed fields of.
-    Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag lists
-    too."""
+def entity_from_json(cls, item, tuples=None, base=None):
+    """Build an entity from its stored JSON: an object, tolerating fields added or dropped between versions,
+    or a row of values in this version's field order; with base, an entity that item holds only the changed
+    fields of. Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag
+    lists too."""
     if base is not None:
         values, index = list(base), FIELD_INDEX[cls]
         for field, value in item.items():
             if field in index:
                 values[index[field]] = value
+    elif type(item) is list:            # a snapshot row, in this version's field order
+        values = item
     elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
         values = list(item.values())
     else:
-        values, text = list(cls(**{f: item[f] for f in cls._fields if f in item})), None
+        values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
     strings, lists, history = ENTITY_LAYOUT[cls]
     for i in strings:       # shared already (base) is shared again at the cost of a lookup
         if type(values[i]) is str:
@@ -1178,21 +1221,15 @@ def entity_from_json(cls, item, tuples=None, text=None, base=None):
                 tuples[known] = known
         values[i] = known
     if history is not None and type(values[history]) is not str:
-        values[history] = history_from_json(values[history], text)
+        values[history] = history_from_json(values[history])
     return cls._make(values)
 
 
-def history_from_json(entries, text=None):
-    """A task's stored history as the text the task holds. text is the task's own JSON, as decoded: its
-    history, the last field, is taken from it as it stands where it is compact, rather than encoded again."""
+def history_from_json(entries):
+    """A task's stored history (a list of [at, event, by, note]) as the compact text the task holds."""
     for entry in entries:
         if type(entry) is not list or len(entry) != 4:
             raise ValueError("a history entry is not [at, event, by, note]")
-    at = text.rfind(',"history":[') if text is not None and 0 < len(entries) <= HISTORY_LIMIT else -1
-    if at > 0 and text.endswith("]}"):     # no string holds `,"` unescaped: this is the last field's start
-        stored = text[at + 11:-1]
-        if stored.count("],[") >= len(entries) - 1:     # compact: entries apart as "],[" (history_extend)
-            return stored
     return COMPACT(entries[-HISTORY_LIMIT:])
 
 
@@ -1390,21 +1427,15 @@ class State:
     def from_doc(cls, doc):
         """Build the state from a state document; TypeError or ValueError when an entity is damaged."""
         state = cls()
-        state.meta.update(doc.get("meta", {}))
-        for section in SECTIONS:
-            for item in doc.get(section, ()):
-                if not isinstance(item, dict):
-                    raise ValueError(f"an entry of {section} is not an object")
-                state.load(section, item)
+        load_document("the state document", {"format": FORMAT_NAME, "seq": 0, **doc}, state)
         state.loaded()
         return state
 
     # State is a load target of the Storage section (load_data), like Documents.
 
-    def load(self, section, item, text=None):
-        """Put one entity as storage holds it (a snapshot line, whose text may be given, or a journal put),
-        recording nothing."""
-        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading, text), record=False)
+    def load(self, section, item):
+        """Put one entity as storage holds it (a snapshot row or object, or a journal put), recording nothing."""
+        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading), record=False)
 
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""

@@ -126,7 +126,8 @@ def test_sigterm_finishes_and_flushes(start_bridge, tmp_path):
     assert bridge.stop() == 0
     snapshots = list((tmp_path / ".clawhub").glob("snapshot-*.json"))
     assert snapshots, "a snapshot is written at shutdown"
-    assert any(a["id"] == "a1" for a in json.loads(snapshots[-1].read_text())["agents"])
+    doc = json.loads(snapshots[-1].read_text())
+    assert any(dict(zip(doc["fields"]["agents"], row))["id"] == "a1" for row in doc["agents"])
     assert "stopped cleanly" in bridge.output()
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -532,6 +533,59 @@ def test_a_snapshot_in_another_json_layout_loads_the_same_state(open_live, tmp_p
     assert json.loads(longer)[:-1] == json.loads(moved.history), "a history read whole takes appends"
 
 
+def snapshot_lines_as(doc, version, entity):
+    """A snapshot document written one entity a line, as format `version` lays it out."""
+    head = {k: v for k, v in doc.items() if k not in clawbridge.SECTIONS and k != "fields"}
+    head["version"] = version
+    parts = [json.dumps(head)[:-1]]
+    for section in clawbridge.SECTIONS:
+        parts.append(f',\n"{section}":[' + ",\n".join("\n" * (i == 0) + entity(section, item)
+                                                      for i, item in enumerate(doc[section])) + "]")
+    return "".join(parts) + "}\n"
+
+
+def test_snapshots_of_format_1_and_rows_of_other_fields_load_the_same_state(open_live):
+    """Format 1 wrote one object a line; a row written by a version with other fields (one dropped since,
+    one not known yet) is read by name, the missing field taking its default."""
+    live = open_live()
+    populate(live)
+    live.bridge.snapshot()
+    directory = Path(live.config.data_dir)
+    expected = sections(live.bridge.state.to_doc(0))
+    live.close()
+    [snapshot] = directory.glob("snapshot-*.json")
+    doc = json.loads(snapshot.read_text())
+    fields = doc["fields"]
+    objects = {s: [dict(zip(fields[s], row)) for row in doc[s]] for s in clawbridge.SECTIONS}
+    snapshot.write_text(snapshot_lines_as({**doc, **objects}, 1, lambda s, item: json.dumps(item)))
+    state, info = clawbridge.load_data(str(directory), target=clawbridge.State)
+    assert info["problems"] == [] and sections(state.to_doc(0)) == expected
+
+    other = [f for f in fields["tasks"] if f != "tags"] + ["futureField"]
+    doc["fields"] = {**fields, "tasks": other}
+    doc["tasks"] = [[item[f] if f in item else "x" for f in other] for item in objects["tasks"]]
+    snapshot.write_text(snapshot_lines_as(doc, 2, lambda s, item: json.dumps(item)).replace(
+        '"version": 2', f'"version": 2, "fields": {json.dumps(doc["fields"])}'))
+    state, info = clawbridge.load_data(str(directory), target=clawbridge.State)
+    assert info["problems"] == [], info
+    for task_id, task in expected["tasks"].items():
+        assert json.loads(json.dumps(clawbridge.entity_doc(state.tasks[task_id]))) == {**task, "tags": []}
+
+
+def test_the_readme_jq_line_turns_snapshot_rows_into_objects(open_live):
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed")
+    live = open_live()
+    populate(live)
+    live.bridge.snapshot()
+    expected = sections(live.bridge.state.to_doc(0))["tasks"]
+    [snapshot] = Path(live.config.data_dir).glob("snapshot-*.json")
+    recipe = ".fields.tasks as $f | .tasks[] | [$f, .] | transpose | map({(.[0]): .[1]}) | add"
+    assert recipe in Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    out = subprocess.run(["jq", "-c", recipe, str(snapshot)], capture_output=True, text=True, check=True).stdout
+    assert {t["id"]: t for t in map(json.loads, out.strip().split("\n"))} == expected    # titles hold U+2028
+
+
 @pytest.mark.parametrize("op", [["frob", "tasks", "task-1"], ["set", "tasks", {"id": "nobody", "title": "x"}],
                                 ["put", "tasks", {"id": "t", "title": "x", "history": [["not", "four"]]}]])
 def test_a_damaged_journal_operation_refuses_to_start_rather_than_guess(tmp_path, op):
@@ -679,7 +733,7 @@ def corrupt(path, how):
     data = path.read_bytes()
     path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
                       "not a snapshot": b'{"hello": "world"}\n',
-                      "damaged entity": data.replace(b'"title":', b'"titel":', 1)}[how])
+                      "damaged entity": data.replace(b'\n["task-', b'\n[0,"task-', 1)}[how])    # one value too many
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity"])
