@@ -417,9 +417,9 @@ def is_loopback(host):
 # segments (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [op, ...], "meta"}, each op
 # ["put", section, entity] for a new entity, ["set", section, {key, changed fields}] for a changed one (a
 # task's history as "historyAdd", the entries added to it), or ["del", section, key]). Each acknowledged
-# change is one journal record,
-# fsynced before the reply is sent; a snapshot of the whole state is written off the request path every
-# SNAPSHOT_EVERY_CHANGES records or SNAPSHOT_EVERY_SECONDS, and the journal then starts a new segment.
+# change is one journal record, fsynced before the reply is sent; a snapshot of the whole state is written
+# off the request path every SNAPSHOT_EVERY_CHANGES records or SNAPSHOT_EVERY_SECONDS, and the journal then
+# starts a new segment.
 # The latest two snapshots and every segment after the older one are kept, so a corrupt snapshot falls
 # back to its predecessor plus the journal.
 
