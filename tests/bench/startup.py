@@ -18,6 +18,8 @@ connections send heartbeats of random agents, task updates, task reads and agent
 Run through tests/bench/run.py (--only startup); this file does nothing on its own."""
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -109,6 +111,14 @@ def serving_rss(bridge, fleet, quick):
     return max(samples), served, sync_seconds
 
 
+def bare_interpreter_rss():
+    """VmRSS in MB of `python3 -c` that only reads it, with and without the site module: what this machine's
+    interpreter costs before the bridge holds anything."""
+    probe = "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
+    return [int(subprocess.run([sys.executable, *flags, "-c", probe], capture_output=True, text=True,
+                               check=True).stdout) / 1024 for flags in ((), ("-S",))]
+
+
 def run(workdir=None, quick=False):
     restarts = 1 if quick else 3
     rows = []
@@ -155,6 +165,9 @@ def run(workdir=None, quick=False):
                     raise RuntimeError("the bridge logged a traceback:\n" + bridge.output()[-2000:])
             finally:
                 bridge.kill()
+    plain, no_site = bare_interpreter_rss()
+    rows.append(B.Row("3 a bare python3 on this machine, for scale", f"{plain:.0f} MB VmRSS ({no_site:.0f} MB with -S, "
+                      "without the site packages' start-up hooks)", "(reported)", "INFO"))
     return rows
 
 
