@@ -117,7 +117,9 @@ ARCHIVE_PERIOD = 3600.0             # seconds between two archive passes
 WEBHOOK_QUEUE = 1000                # alerts waiting to be sent; the oldest are dropped past this
 WEBHOOK_TRIES = 6                   # attempts per alert, with backoff doubling from 1 s
 WEBHOOK_TIMEOUT = 5.0
-SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots
+SNAPSHOT_EVERY_CHANGES = 10000      # journal records between two snapshots, at the least ...
+SNAPSHOT_JOURNAL_SHARE = 0.25       # ... or this share of the entities held, if more: a snapshot costs in
+                                    # proportion to the state, so its cost per change stays flat
 SNAPSHOT_EVERY_SECONDS = 60.0       # a dirty state is snapshotted at least this often
 FLUSHER_PERIOD = 1.0
 LOG_HELD = 256                      # request lines held back at most before they are written (LogHandler)
@@ -484,8 +486,8 @@ def entity_row(item, cls):
     if type(item) is dict:
         return COMPACT([item[f] if f in item else cls._field_defaults[f] for f in cls._fields])
     if cls._fields[-1] == "history":
-        return COMPACT(list(item[:-1]))[:-1] + "," + item[-1] + "]"
-    return COMPACT(list(item))
+        return f"{COMPACT(item[:-1])[:-1]},{item[-1]}]"
+    return COMPACT(item)
 
 
 def snapshot_chunks(doc):
@@ -2644,7 +2646,7 @@ class Bridge:
 
     def snapshot_due(self):
         changes = self.store.changes_since_snapshot()
-        if not self.store.healthy or changes >= SNAPSHOT_EVERY_CHANGES:
+        if not self.store.healthy or changes >= snapshot_every(self.state):
             return True
         idle = time.monotonic() - self.store.last_snapshot_at
         return (changes > 0 or self.state.soft_dirty) and idle >= SNAPSHOT_EVERY_SECONDS
@@ -2697,6 +2699,14 @@ class Bridge:
                 self.snapshot()
         finally:
             self.store.close()
+
+
+def snapshot_every(state):
+    """Journal records between two snapshots: SNAPSHOT_EVERY_CHANGES, or a share of the entities held when
+    that is more, so that a large state is not written out again every few seconds under load (the journal
+    a start replays stays in proportion to the snapshot it reads)."""
+    held = len(state.agents) + len(state.instances) + len(state.tasks) + len(state.notifications) + len(state.audit)
+    return max(SNAPSHOT_EVERY_CHANGES, int(held * SNAPSHOT_JOURNAL_SHARE))
 
 
 def rebase_restored(state, now):
@@ -4005,9 +4015,9 @@ class Watchdog(threading.Thread):
 
 
 class Flusher(threading.Thread):
-    """Background upkeep: writes snapshots every SNAPSHOT_EVERY_CHANGES journal records or
-    SNAPSHOT_EVERY_SECONDS of changes (and retries after a storage failure), and runs the archive every
-    ARCHIVE_PERIOD. Survives its own errors."""
+    """Background upkeep: writes snapshots every snapshot_every() journal records or SNAPSHOT_EVERY_SECONDS
+    of changes (and retries after a storage failure), and runs the archive every ARCHIVE_PERIOD. Survives its
+    own errors."""
 
     def __init__(self, bridge, stop, period=FLUSHER_PERIOD):
         super().__init__(name="flusher", daemon=True)

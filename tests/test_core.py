@@ -295,6 +295,14 @@ def test_the_journal_carries_only_the_history_entries_a_change_adds():
     assert cb.history_added(two, one) is None, "not an append: the journal writes the whole history"
 
 
+def test_a_large_state_is_snapshotted_less_often_so_each_change_pays_the_same():
+    state = cb.State()
+    assert cb.snapshot_every(state) == cb.SNAPSHOT_EVERY_CHANGES
+    state.tasks = dict.fromkeys(f"task-{n}" for n in range(200_000))
+    state.agents = dict.fromkeys(f"a{n}" for n in range(20_000))
+    assert cb.snapshot_every(state) == int(220_000 * cb.SNAPSHOT_JOURNAL_SHARE) > cb.SNAPSHOT_EVERY_CHANGES
+
+
 # --- config ---
 
 def test_dotenv_reads_the_guides_format():

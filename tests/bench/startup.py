@@ -4,9 +4,9 @@
 The data dir holds a snapshot (10k agents at 3 tasks each, 30k active tasks, 10% of the rest queued, 5%
 cancelled, the rest done; one unread notification per agent) plus a long journal after it: JOURNAL records
 that each update one task (the task with its one new history entry, as the bridge journals it). A bridge
-snapshots every SNAPSHOT_EVERY_CHANGES (10,000) records, so 50,000 records is what a bridge leaves when its
-snapshots have failed or it was killed while writing several; a second figure restarts on a 10,000-record
-journal.
+of this size snapshots every 30,000 records (snapshot_every: a quarter of its 120k entities), so 10,000
+records is a journal a restart meets in steady use, and 50,000 what a bridge leaves when its snapshots have
+failed or it was killed while writing several.
 
 Start-up is the wall time from starting `python3 clawbridge.py --port 0 --data-dir DIR` to its "Bridge
 running" log line, and to GET /health answering 200 (the median of RESTARTS starts, each on a fresh copy of

@@ -13,12 +13,13 @@ the large state look cheaper. A create posts a 200-character description. Update
 (creates add tasks: a run at ~2k/s adds a few thousand).
 
 Each bridge in turn takes the four loads back to back, 3 s each (updates c=8, updates c=64, creates c=8,
-creates c=64: about 15k writes, so one or two of the snapshots the bridge writes every 10,000 journal
-records fall inside, as they do in steady use), 1k, 10k, 100k and then again in reverse order (against
-drift). Between two bridges the one just measured is let go idle, so that its snapshot cannot slow the next
-one down. A snapshot of 100k tasks costs a second or two of CPU, so it decides whether a single 3-second
-window is slow: the slowdown per load is reported, and the target applies to all four loads together (the
-1k-task writes/s over the 100k-task writes/s, all windows added up).
+creates c=64: about 25k writes, so the snapshots the bridge writes every 10,000 journal records, or a
+quarter as many as the entities it holds when that is more, fall inside as they do in steady use), 1k, 10k,
+100k and then again in reverse order (against drift). Between two bridges the one just measured is let go
+idle, so that its snapshot cannot slow the next one down. A snapshot of 100k tasks costs about half a second
+of CPU, so it decides whether a single 3-second window is slow: the slowdown per load is reported, and the
+target applies to all four loads together (the 1k-task writes/s over the 100k-task writes/s, all windows
+added up).
 
 Run through tests/bench/run.py (--only writes); this file does nothing on its own."""
 import random
