@@ -1407,6 +1407,7 @@ class State:
         self.audit = {}         # audit entry id -> AuditEntry, oldest first, at most AUDIT_LIMIT
         self.meta = {"lastId": 0}
         self.active = {}        # agent id -> {task id: None}: its unfinished tasks
+        self.roomy = {}         # agent id -> None: the online agents below their maxConcurrentTasks
         self.queued = {p: {} for p in PRIORITIES}   # priority -> {task id: None} in queueing order
         self.members = {}       # instance id -> {agent id: None}
         self.inbox = {}         # agent id -> {notification id: None} in creation order
@@ -1532,6 +1533,7 @@ class State:
         self.inbox.setdefault(agent.id, {})
         self.unread.setdefault(agent.id, {})
         self.agents[agent.id] = agent
+        self.check_room(agent.id)
 
     def drop_agent(self, agent_id, record=True):
         agent = self.agents.pop(agent_id)
@@ -1539,6 +1541,7 @@ class State:
             self.record("agents", agent_id, agent, None)
         self.members.get(agent.instanceId, {}).pop(agent_id, None)
         self.active.pop(agent_id, None)
+        self.roomy.pop(agent_id, None)
         self.inbox.pop(agent_id, None)
         self.unread.pop(agent_id, None)
         self.seen.pop(agent_id, None)
@@ -1570,6 +1573,10 @@ class State:
         elif task.lane == "queued" and task.id not in self.queued[task.priority]:
             self.queued[task.priority][task.id] = None      # a task that stays queued keeps its place
         self.tasks[task.id] = task
+        if old is not None and old.assignedTo and old.assignedTo != task.assignedTo:
+            self.check_room(old.assignedTo)
+        if task.assignedTo:
+            self.check_room(task.assignedTo)
 
     def drop_task(self, task_id, record=True):
         task = self.tasks.pop(task_id)
@@ -1577,7 +1584,18 @@ class State:
             self.record("tasks", task_id, task, None)
         if task.assignedTo:
             self.active.get(task.assignedTo, {}).pop(task_id, None)
+            self.check_room(task.assignedTo)
         self.queued[task.priority].pop(task_id, None)
+
+    def check_room(self, agent_id):
+        """Keep roomy right for an agent whose status, limit or active tasks may have changed: assignment
+        looks only at agents with room, not at the whole fleet, which is mostly busy when work queues."""
+        agent = self.agents.get(agent_id)
+        if agent is not None and agent.status == "online" and \
+                len(self.active.get(agent_id, ())) < agent.maxConcurrentTasks:
+            self.roomy[agent_id] = None
+        else:
+            self.roomy.pop(agent_id, None)
 
     def put_notification(self, note, record=True):
         if record:
@@ -2036,7 +2054,8 @@ class Candidates:
         self.state = state
         self.health = {}
         self.now = now
-        self.entries = sorted(self.key(a) for a in state.agents.values() if a.id != exclude and eligible(state, a))
+        self.entries = sorted(self.key(agent) for agent in map(state.agents.__getitem__, state.roomy)
+                              if agent.id != exclude and eligible(state, agent))
 
     def key(self, agent):
         if agent.instanceId not in self.health:

@@ -138,6 +138,10 @@ def check_invariants(state, history):
             fail(f"state.active[{agent_id}] = {sorted(indexed)} but its active tasks are {sorted(active[agent_id])}")
         if (agent.status == "online") != (agent_id in state.seen):
             fail(f"agent {agent_id} is {agent.status} but state.seen {'has' if agent_id in state.seen else 'lacks'} it")
+    roomy = {a.id for a in state.agents.values() if a.status == "online" and
+             len(state.active.get(a.id, ())) < a.maxConcurrentTasks}
+    if set(state.roomy) != roomy:
+        fail(f"state.roomy = {sorted(state.roomy)} but the online agents with room are {sorted(roomy)}")
     stray = sorted(a for a, ids in state.active.items() if ids and a not in state.agents)
     if stray:
         fail(f"state.active lists tasks for agents that do not exist: {stray}")
