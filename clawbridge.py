@@ -3530,7 +3530,9 @@ def response_bytes(status, body, headers, close=False, head_only=False):
     return head if head_only else head + payload
 
 
-HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n", re.DOTALL)
+# one header line, anchored at a line start: findall over the whole block finds one match per well-formed
+# line and none in a bad one (a line holds one \n, at its end)
+HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\n]*?)[ \t]*\r?\n", re.MULTILINE)
 
 
 class Headers:
@@ -3555,22 +3557,25 @@ def read_headers(rfile):
     """Read the header block of a request. BridgeError 431 past MAX_HEADER_BYTES or MAX_HEADER_LINES, 400 for
     a line that is not `name: value` (folded lines and spaces before the colon included, as RFC 9112 asks of
     a server). Much cheaper than the email parser http.server uses."""
-    values, size, lines = {}, 0, 0
+    size, lines = 0, []
     while True:
         line = rfile.readline(MAX_HEADER_BYTES + 1)
         size += len(line)
         if size > MAX_HEADER_BYTES:
             raise BridgeError(431, "headers_too_large", f"The headers are larger than {MAX_HEADER_BYTES} bytes.")
         if line in (b"\r\n", b"\n", b""):
-            return Headers(values)
-        lines += 1
-        if lines > MAX_HEADER_LINES:
+            break
+        lines.append(line)
+        if len(lines) > MAX_HEADER_LINES:
             raise BridgeError(431, "headers_too_large", f"There are more than {MAX_HEADER_LINES} header lines.")
-        match = HEADER_LINE.fullmatch(line.decode("latin-1"))
-        if match is None:
-            raise BridgeError(400, "bad_request", "A header line is not 'Name: value'; send one header a line.")
-        name, value = match.groups()
+    # one regex pass over the block rather than one match per line
+    fields = HEADER_LINE.findall(b"".join(lines).decode("latin-1"))
+    if len(fields) != len(lines):
+        raise BridgeError(400, "bad_request", "A header line is not 'Name: value'; send one header a line.")
+    values = {}
+    for name, value in fields:
         values.setdefault(name.lower(), []).append(value)
+    return Headers(values)
 
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -3592,9 +3597,21 @@ def access_log(level, method, path, status, size, seconds, route):
     log.handle(record)
 
 
+def http_version(text):
+    """(major, minor) of an HTTP-version like HTTP/1.0, None when it is not one."""
+    numbers = text[5:].split(".") if text.startswith("HTTP/") else []
+    if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+        return None
+    return int(numbers[0]), int(numbers[1])
+
+
+MAX_REQUEST_LINE = 65536      # longer request lines get 414, as in http.server
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE"))
+
+
 class Handler(BaseHTTPRequestHandler):
-    """One connection. Every do_* goes through _dispatch; every response, errors included, is JSON written
-    in one send."""
+    """One connection. Every request of a method in METHODS goes through _dispatch; every response, errors
+    included, is JSON written in one send."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"clawbridge/{__version__}"
@@ -3607,13 +3624,27 @@ class Handler(BaseHTTPRequestHandler):
         self.slot = self.server.connections.get(self.connection) or [False, time.monotonic(), False]
 
     def handle_one_request(self):
+        """http.server's, without its look-up of a do_* method by name: every method we serve goes to
+        _dispatch, and the response is written by then."""
         self.server.mark(self.slot, busy=False)     # waiting for, or still reading, the next request
-        super().handle_one_request()
-
-    def do_GET(self):
-        self._dispatch()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            if self.command not in METHODS:
+                self.send_error(501)
+                return
+            self._dispatch()
+        except socket.timeout as exc:   # TimeoutError from 3.10 on
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
 
     def _dispatch(self):
         if self.slot[2]:
@@ -3737,11 +3768,10 @@ class Handler(BaseHTTPRequestHandler):
             return False
         if len(words) == 3:
             version = words[2]
-            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+            number = (1, 1) if version == "HTTP/1.1" else http_version(version)     # the usual one, known
+            if number is None:
                 self.send_error(400)
                 return False
-            number = int(numbers[0]), int(numbers[1])
             if number >= (2, 0):
                 self.send_error(505)
                 return False
