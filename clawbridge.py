@@ -1564,26 +1564,24 @@ class State:
         if record:
             self.record("tasks", task.id, old, task)
         if old is not None:
-            if old.assignedTo:
-                self.active.get(old.assignedTo, {}).pop(old.id, None)
+            if old.assignedTo and old.id in self.active.get(old.assignedTo, ()):
+                del self.active[old.assignedTo][old.id]
+                self.check_room(old.assignedTo)
             if old.lane == "queued" and (task.lane, task.priority) != ("queued", old.priority):
                 self.queued[old.priority].pop(old.id, None)
         if task.assignedTo and task.lane in ACTIVE_LANES:
             self.active.setdefault(task.assignedTo, {})[task.id] = None
+            self.check_room(task.assignedTo)
         elif task.lane == "queued" and task.id not in self.queued[task.priority]:
             self.queued[task.priority][task.id] = None      # a task that stays queued keeps its place
         self.tasks[task.id] = task
-        if old is not None and old.assignedTo and old.assignedTo != task.assignedTo:
-            self.check_room(old.assignedTo)
-        if task.assignedTo:
-            self.check_room(task.assignedTo)
 
     def drop_task(self, task_id, record=True):
         task = self.tasks.pop(task_id)
         if record:
             self.record("tasks", task_id, task, None)
-        if task.assignedTo:
-            self.active.get(task.assignedTo, {}).pop(task_id, None)
+        if task.assignedTo and task_id in self.active.get(task.assignedTo, ()):
+            del self.active[task.assignedTo][task_id]
             self.check_room(task.assignedTo)
         self.queued[task.priority].pop(task_id, None)
 
