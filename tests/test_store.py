@@ -726,12 +726,15 @@ def two_snapshots_and_a_journal(start_bridge):
 
 def corrupt(path, how):
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
-                      "not a snapshot": b'{"hello": "world"}\n',
-                      "damaged entity": data.replace(b'\n["task-', b'\n[0,"task-', 1)}[how])    # one value too many
+    damaged = {"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
+               "not a snapshot": b'{"hello": "world"}\n',
+               "damaged entity": data.replace(b'\n["task-', b'\n[0,"task-', 1),     # one value too many
+               "damaged field names": data.replace(b'"fields":{"agents":', b'"fields":{"agents":7,"x":', 1)}[how]
+    assert damaged != data
+    path.write_bytes(damaged)
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity", "damaged field names"])
 def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how):
     before, (older, newer) = two_snapshots_and_a_journal(start_bridge)
     corrupt(newer, how)
