@@ -468,18 +468,6 @@ def atomic_write(path, chunks, fsync=os.fsync):
 COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
-def entity_json(item):
-    """One stored entity as compact JSON: a plain object, or an entity tuple. A task's history is held as JSON
-    text already (see Task) and goes in as it is, as the last field."""
-    if type(item) is dict:
-        return COMPACT(item)
-    item = item._asdict()
-    history = item.pop("history", None)
-    if history is None:
-        return COMPACT(item)
-    return COMPACT(item)[:-1] + ',"history":' + history + "}"
-
-
 def entity_row(item, cls):
     """One entity as a snapshot row: its values in field order. item is an entity tuple (a task's history,
     its last field, is JSON text already and goes in as it is) or a plain stored object."""
@@ -1018,7 +1006,7 @@ class Store:
         for month, items in sorted(by_month.items()):
             path = os.path.join(self.data_dir, f"archive-{month}.jsonl")
             with open(path, "a", encoding="utf-8", opener=lambda p, f: os.open(p, f, 0o600)) as out:
-                out.writelines(entity_json(task) + "\n" for task in items)
+                out.writelines(COMPACT(entity_doc(task)) + "\n" for task in items)
                 out.flush()
                 self.fsync(out.fileno())
         fsync_dir(self.data_dir)
@@ -1229,10 +1217,15 @@ def entity_from_json(cls, item, tuples=None, base=None):
 
 def history_from_json(entries):
     """A task's stored history (a list of [at, event, by, note]) as the compact text the task holds."""
+    check_history(entries)
+    return COMPACT(entries[-HISTORY_LIMIT:])
+
+
+def check_history(entries):
+    """ValueError unless entries is a list of [at, event, by, note] (stored history, or entries added to it)."""
     for entry in entries:
         if type(entry) is not list or len(entry) != 4:
             raise ValueError("a history entry is not [at, event, by, note]")
-    return COMPACT(entries[-HISTORY_LIMIT:])
 
 
 def entity_doc(entity):
@@ -1450,7 +1443,7 @@ class State:
 
     def unload(self, section, key):
         if key in getattr(self, section):
-            getattr(self, "drop_" + ENTITY_NAMES[section])(key, record=False)
+            STATE_DROPS[section](self, key, record=False)
 
     def loaded(self):
         self.sort_queues()
@@ -1485,15 +1478,13 @@ class State:
 
     def rollback(self, undo):
         """Take back a batch of changes, newest first, as if they had never happened (soft state aside)."""
-        put = {s: getattr(self, "put_" + ENTITY_NAMES[s]) for s in SECTIONS}
-        drop = {s: getattr(self, "drop_" + ENTITY_NAMES[s]) for s in SECTIONS}
         for section, key, old in reversed(undo):
             if section == "meta":
                 self.meta = old
             elif old is not None:
-                put[section](old, record=False)
+                STATE_PUTS[section](self, old, record=False)
             elif key in getattr(self, section):
-                drop[section](key, record=False)
+                STATE_DROPS[section](self, key, record=False)
         self.sort_queues()
         for agent_id, inbox in self.inbox.items():
             self.inbox[agent_id] = dict.fromkeys(sorted(inbox, key=lambda n: self.notifications[n].createdAt))
@@ -1626,6 +1617,7 @@ class State:
 
 
 STATE_PUTS = {section: getattr(State, "put_" + ENTITY_NAMES[section]) for section in SECTIONS}
+STATE_DROPS = {section: getattr(State, "drop_" + ENTITY_NAMES[section]) for section in SECTIONS}
 
 
 # --- reading: what the API shows ---
@@ -1729,11 +1721,11 @@ def add_history(task, now, event, by=None, note=None):
 
 def history_extend(text, entries):
     """History text with entries appended, the oldest dropped past HISTORY_LIMIT."""
-    for entry in entries:
-        if type(entry) is not list or len(entry) != 4:
-            raise ValueError("a history entry is not [at, event, by, note]")
-    if text == "[]" or not entries:
-        return COMPACT(entries[-HISTORY_LIMIT:]) if entries else text
+    check_history(entries)
+    if not entries:
+        return text
+    if text == "[]":
+        return COMPACT(entries[-HISTORY_LIMIT:])
     # each boundary between entries is "],[" (a note may hold it too, which only overcounts): below the
     # limit the entries are appended to the text without decoding it
     if text.count("],[") + 1 + len(entries) <= HISTORY_LIMIT:

@@ -1,6 +1,7 @@
 """Storage: what survives a restart, a kill -9, a torn or corrupt file, a full or failing disk, a second bridge on
 the same data, and a restore from a backup. Real processes and real HTTP on 127.0.0.1; crashes are SIGKILL."""
 import errno
+import gc
 import hashlib
 import http.client
 import json
@@ -589,6 +590,7 @@ def test_a_damaged_journal_operation_refuses_to_start_rather_than_guess(tmp_path
     (directory / "journal-000000000001.jsonl").write_text(json.dumps({"seq": 1, "ops": [op]}) + "\n")
     with pytest.raises(clawbridge.StorageError, match="damaged entry"):
         clawbridge.load_data(str(directory), target=clawbridge.State)
+    assert gc.isenabled(), "the collector, off while loading, is on again after a failed load"
 
 
 def test_ids_and_epochs_never_repeat_after_a_restart_even_if_the_clock_went_back(open_live, clock):
