@@ -34,6 +34,25 @@ Exit codes: 0 ok, 1 runtime failure (data unreadable, data dir in use, port take
 
 __version__ = "0.1.0"
 
+import os
+import sys
+
+# Run as a script (`python3 clawbridge.py`), Python keeps the parse tree of the whole file, about 10 MB, until
+# the script returns: for a bridge, its whole life. So a script run at once replaces itself (exec: the same
+# process, pid, arguments and interpreter options) with an interpreter that runs this file as a module named
+# clawbridge, compiled the way an import compiles it, which frees that memory. Imported, run with -m, or on
+# Python 3.9 (no sys.orig_argv), it runs as it is.
+RUN_AS_MODULE = ("import os, runpy, sys; sys.argv.pop(0); here = os.path.dirname(os.path.abspath(sys.argv[0])); "
+                 "sys.path[:1] = [here] if sys.path[:1] == [''] else sys.path[:1]; "
+                 "sys.exit(runpy.run_path(sys.argv[0], run_name='clawbridge')['main']())")
+if __name__ == "__main__" and __spec__ is None and getattr(sys, "orig_argv", None):
+    _script_at = len(sys.orig_argv) - len(sys.argv)     # the interpreter's own options come before it
+    if _script_at >= 1 and sys.orig_argv[_script_at:] == sys.argv and sys.executable:
+        try:
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:_script_at], "-c", RUN_AS_MODULE, *sys.argv])
+        except OSError:
+            pass    # the interpreter cannot be started again: run here, parse tree and all
+
 import argparse
 import bisect
 import collections
@@ -53,13 +72,11 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import platform
 import re
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.parse
@@ -2579,6 +2596,7 @@ class Bridge:
         store = Store(config.data_dir, fsync)
         state, head = store.open(State)
         gc.freeze()     # the loaded entities live on and hold no cycles: no collection need walk them again
+        release_free_heap()
         bridge = cls(store, state, config, clock)
         if head.get("origin") == "backup":
             bridge.run(rebase_restored)
@@ -2708,6 +2726,17 @@ class Bridge:
                 self.snapshot()
         finally:
             self.store.close()
+
+
+def release_free_heap():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), which otherwise keeps what the
+    start freed, the compiler's and the loader's working memory, for the life of the process. Where there is
+    no glibc (musl, macOS) or no ctypes, nothing happens."""
+    try:
+        import ctypes       # here, not at the top: only a serving bridge needs it
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
 
 
 def snapshot_every(state):
