@@ -486,12 +486,12 @@ COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 def entity_row(item, cls):
-    """One entity as a snapshot row: its values in field order. item is an entity tuple (a task's history,
-    its last field, is JSON text already and goes in as it is) or a plain stored object."""
+    """One entity as a snapshot row: its values in ROW_FIELDS order. item is an entity tuple (a task's
+    history is JSON text already and goes in as it is) or a plain stored object."""
     if type(item) is dict:
-        return COMPACT([item[f] if f in item else cls._field_defaults[f] for f in cls._fields])
+        return COMPACT([item[f] if f in item else cls._field_defaults[f] for f in ROW_FIELDS[cls]])
     if cls._fields[-1] == "history":
-        return f"{COMPACT(item[:-1])[:-1]},{item[-1]}]"
+        return f"[{item[-1]},{COMPACT(item[:-1])[1:]}"
     return COMPACT(item)
 
 
@@ -500,7 +500,8 @@ def snapshot_chunks(doc):
     the whole state while requests wait: the head (with the field names of each section) on the first line,
     then one entity a line, as a row of values."""
     head = {k: v for k, v in doc.items() if k not in SECTIONS}
-    head.update(version=FORMAT_VERSION, fields={section: list(ENTITY_TYPES[section]._fields) for section in SECTIONS})
+    head.update(version=FORMAT_VERSION,
+                fields={section: list(ROW_FIELDS[ENTITY_TYPES[section]]) for section in SECTIONS})
     yield json.dumps(head, separators=(",", ":"))[:-1]
     for section in SECTIONS:
         cls = ENTITY_TYPES[section]
@@ -555,9 +556,9 @@ class Documents:
         self.meta = {}
         self.index = {section: {} for section in SECTIONS}
 
-    def load(self, section, item):
+    def load(self, section, item, history_text=None):
         """One stored entity (a snapshot line or a journal put): an object, or a row in this version's field
-        order."""
+        order (history_text, the text of a task's history as stored, is not needed here)."""
         if type(item) is list:
             item = dict(zip(ENTITY_TYPES[section]._fields, item))
         self.index[section][item[SECTION_KEYS[section]]] = item
@@ -639,17 +640,32 @@ def stream_snapshot(path, f, target):
                 seen.add(match.group(1))
                 section = None if match.group(2) else match.group(1)
                 done = match.group(3) == "}"
-                # rows of this version's fields go to the target as they are
-                direct = section in SECTION_KEYS and fields.get(section) == ENTITY_TYPES[section]._fields
-                width = len(fields.get(section, ()))
+                # rows of this version's fields go to the target as they are; rows that start with a task's
+                # history have it decoded on its own, and its text sliced from the line, not encoded again
+                names, cls = fields.get(section), ENTITY_TYPES.get(section)
+                direct = cls is not None and names == cls._fields
+                split = cls is not None and not direct and names == ROW_FIELDS[cls]
+                width = len(names or ())
                 continue
+            if split and line.startswith("[["):
+                entries, cut = RAW_DECODE(line, 1)
+                if line[cut] != ",":
+                    raise SnapshotLayout()
+                text, line = line[1:cut], "[" + line[cut + 1:]
+            else:
+                entries = text = None
             item, end = RAW_DECODE(line)
             after = ENTITY_ENDS.get(line[end:], False)
             if after is False:
                 raise SnapshotLayout()
-            if direct and type(item) is list and len(item) == width:
+            if text is not None:
+                if type(item) is not list or len(item) != width - 1:
+                    raise ValueError(f"an entry of {section} in {path} is not a row of its fields")
+                item.append(entries)        # now in field order
+                target.load(section, item, text)
+            elif direct and type(item) is list and len(item) == width:
                 target.load(section, item)
-            elif section in SECTION_KEYS:       # a section this version does not know is skipped
+            elif cls is not None:       # a section this version does not know is skipped
                 load_entity(target, path, section, item, fields)
             if after:
                 section, done = None, after == "}"
@@ -1199,11 +1215,12 @@ def shared(value):
     return sys.intern(value) if type(value) is str else value
 
 
-def entity_from_json(cls, item, tuples=None, base=None):
+def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
     """Build an entity from its stored JSON: an object, tolerating fields added or dropped between versions,
     or a row of values in this version's field order; with base, an entity that item holds only the changed
     fields of. Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag
-    lists too."""
+    lists too. history_text, when given, is the stored text of item's history list, kept instead of
+    encoding the list again."""
     if base is not None:
         values, index = list(base), FIELD_INDEX[cls]
         for field, value in item.items():
@@ -1228,13 +1245,19 @@ def entity_from_json(cls, item, tuples=None, base=None):
                 tuples[known] = known
         values[i] = known
     if history is not None and type(values[history]) is not str:
-        values[history] = history_from_json(values[history])
+        values[history] = history_from_json(values[history], history_text)
     return cls._make(values)
 
 
-def history_from_json(entries):
-    """A task's stored history (a list of [at, event, by, note]) as the compact text the task holds."""
+def history_from_json(entries, text=None):
+    """A task's stored history (a list of [at, event, by, note]) as the compact text the task holds. text is
+    that list as stored, when the caller has it: taken as it is when it holds at most HISTORY_LIMIT entries
+    and they are joined by "],[" as history_extend counts them (not so with white space, or with "],[" in a
+    note: then it is encoded again)."""
     check_history(entries)
+    if text is not None and len(entries) <= HISTORY_LIMIT and \
+            (text.count("],[") + 1 == len(entries) if entries else text == "[]"):
+        return text
     return COMPACT(entries[-HISTORY_LIMIT:])
 
 
@@ -1276,6 +1299,10 @@ def entity_op(section, key, old, new):
 
 
 FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in ENTITY_TYPES.values()}
+# The field order of snapshot rows: a task's history (its last field) first, where the reader finds its
+# text without decoding the row twice (stream_snapshot); the rest in field order.
+ROW_FIELDS = {cls: ("history", *cls._fields[:-1]) if cls._fields[-1] == "history" else cls._fields
+              for cls in ENTITY_TYPES.values()}
 ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
                        [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
                        cls._fields.index("history") if "history" in cls._fields else None)
@@ -1446,9 +1473,11 @@ class State:
 
     # State is a load target of the Storage section (load_data), like Documents.
 
-    def load(self, section, item):
-        """Put one entity as storage holds it (a snapshot row or object, or a journal put), recording nothing."""
-        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading), record=False)
+    def load(self, section, item, history_text=None):
+        """Put one entity as storage holds it (a snapshot row or object, or a journal put), recording nothing;
+        history_text is a task's history as the snapshot holds it, when the reader has it."""
+        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading,
+                                                   history_text=history_text), record=False)
 
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""

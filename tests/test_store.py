@@ -556,12 +556,19 @@ def one_entity_a_line(doc):
 
 
 def test_snapshots_of_format_1_and_rows_of_other_fields_load_the_same_state(open_live):
-    """Format 1 wrote one object a line; a row written by a version with other fields (one dropped since,
-    one not known yet) is read by name, the missing field taking its default."""
+    """Format 1 wrote one object a line, and format 2 first wrote rows in field order (a task's history
+    last, not first); a row written by a version with other fields (one dropped since, one not known yet) is
+    read by name, the missing field taking its default."""
     snapshot, doc, expected = a_snapshot(open_live)
     fields = doc.pop("fields")
     objects = {s: [dict(zip(fields[s], row)) for row in doc[s]] for s in clawbridge.SECTIONS}
     snapshot.write_text(one_entity_a_line({**doc, **objects, "version": 1}))
+    assert sections(loaded_state(snapshot).to_doc(0)) == expected
+
+    in_field_order = {s: [[item[f] for f in clawbridge.ENTITY_TYPES[s]._fields] for item in objects[s]]
+                      for s in clawbridge.SECTIONS}      # as format 2 wrote them first: a task's history last
+    snapshot.write_text(one_entity_a_line({**doc, **in_field_order, "fields": {
+        s: list(clawbridge.ENTITY_TYPES[s]._fields) for s in clawbridge.SECTIONS}}))
     assert sections(loaded_state(snapshot).to_doc(0)) == expected
 
     other = [f for f in fields["tasks"] if f != "tags"] + ["futureField"]
@@ -730,13 +737,16 @@ def corrupt(path, how):
     data = path.read_bytes()
     damaged = {"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
                "not a snapshot": b'{"hello": "world"}\n',
-               "damaged entity": data.replace(b'\n["task-', b'\n[0,"task-', 1),     # one value too many
+               "damaged entity": data.replace(b'\n["mac-1"', b'\n[0,"mac-1"', 1),     # one value too many
+               "damaged task row": data.replace(b']],"task-', b']],0,"task-', 1),        # after its history
+               "damaged task history": data.replace(b'\n[[[', b'\n[[["x"],', 1),
                "damaged field names": data.replace(b'"fields":{"agents":', b'"fields":{"agents":7,"x":', 1)}[how]
     assert damaged != data
     path.write_bytes(damaged)
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity", "damaged field names"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity", "damaged task row",
+                                 "damaged task history", "damaged field names"])
 def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how):
     before, (older, newer) = two_snapshots_and_a_journal(start_bridge)
     corrupt(newer, how)
@@ -1075,3 +1085,29 @@ def test_queue_order_survives_a_restart(tmp_path, clock):
     without = scenario(tmp_path / "plain", False)
     with_restart = scenario(tmp_path / "restarted", True)
     assert with_restart == without
+
+
+def test_a_snapshot_history_longer_than_the_limit_keeps_the_latest_entries(open_live):
+    """A task's history is read from a snapshot row as its text, except past HISTORY_LIMIT (a hand edit, or a
+    version with a higher limit), where only the latest entries are kept, as after any change."""
+    snapshot, doc, _ = a_snapshot(open_live)
+    at = doc["fields"]["tasks"].index("history")
+    long_history = [[n, "note", "api", f"entry {n}"] for n in range(clawbridge.HISTORY_LIMIT + 5)]
+    doc["tasks"][0][at] = long_history
+    snapshot.write_text(one_entity_a_line(doc))
+    task = loaded_state(snapshot).tasks[doc["tasks"][0][doc["fields"]["tasks"].index("id")]]
+    assert json.loads(task.history) == long_history[-clawbridge.HISTORY_LIMIT:]
+
+
+def test_a_snapshot_history_with_white_space_is_read_to_compact_text(open_live):
+    """History text taken from a snapshot row must be joined by "],[" as appends count entries; a row laid
+    out with white space (a hand edit) is encoded again, so the limit still holds after appends."""
+    snapshot, doc, _ = a_snapshot(open_live)
+    fields = doc["fields"]["tasks"]
+    history = [[n, "note", "api", None] for n in range(clawbridge.HISTORY_LIMIT)]
+    doc["tasks"][0][fields.index("history")] = history
+    snapshot.write_text(one_entity_a_line(doc))      # json.dumps: ", " between values
+    task = loaded_state(snapshot).tasks[doc["tasks"][0][fields.index("id")]]
+    assert task.history == clawbridge.COMPACT(history)
+    longer = clawbridge.add_history(task, clawbridge.Now(0.0, 10 ** 13), "note", "api", None)
+    assert len(json.loads(longer)) == clawbridge.HISTORY_LIMIT
