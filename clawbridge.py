@@ -2760,11 +2760,12 @@ class Bridge:
 def release_free_heap():
     """Give the C heap's free pages back to the system (glibc's malloc_trim), which otherwise keeps what the
     start freed, the compiler's and the loader's working memory, for the life of the process. Where there is
-    no glibc (musl, macOS) or no ctypes, nothing happens."""
+    no glibc (musl, macOS), no ctypes, or no writable and executable memory for it (systemd's
+    MemoryDenyWriteExecute=, SELinux: importing ctypes raises MemoryError), nothing happens."""
     try:
         import ctypes       # here, not at the top: only a serving bridge needs it
         ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
+    except (ImportError, OSError, AttributeError, MemoryError):
         pass
 
 
