@@ -40,14 +40,15 @@ import sys
 # Run as a script (`python3 clawbridge.py`), Python keeps the parse tree of the whole file, about 10 MB, until
 # the script returns: for a bridge, its whole life. So a script run at once replaces itself (exec: the same
 # process, pid, arguments and interpreter options) with an interpreter that runs this file as a module named
-# clawbridge, compiled the way an import compiles it, which frees that memory. Imported, run with -m, or on
-# Python 3.9 (no sys.orig_argv), it runs as it is.
+# clawbridge, compiled the way an import compiles it, which frees that memory. Imported, run with -m, read
+# from stdin, or on Python 3.9 (no sys.orig_argv), it runs as it is.
 RUN_AS_MODULE = ("import os, runpy, sys; sys.argv.pop(0); here = os.path.dirname(os.path.abspath(sys.argv[0])); "
                  "sys.path[:1] = [here] if sys.path[:1] == [''] else sys.path[:1]; "
                  "sys.exit(runpy.run_path(sys.argv[0], run_name='clawbridge')['main']())")
 if __name__ == "__main__" and __spec__ is None and getattr(sys, "orig_argv", None):
     _script_at = len(sys.orig_argv) - len(sys.argv)     # the interpreter's own options come before it
-    if _script_at >= 1 and sys.orig_argv[_script_at:] == sys.argv and sys.executable:
+    if _script_at >= 1 and sys.orig_argv[_script_at:] == sys.argv and os.path.isfile(sys.argv[0]) and \
+            sys.executable:
         try:
             os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:_script_at], "-c", RUN_AS_MODULE, *sys.argv])
         except OSError:

@@ -357,3 +357,11 @@ def test_a_script_run_serves_as_a_module_in_the_same_process(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_bridge_read_from_stdin_runs_as_it_is(tmp_path):
+    """`python3 - < clawbridge.py` has no file to run again as a module: it runs where it is."""
+    with open(BRIDGE, "rb") as source:
+        result = subprocess.run([sys.executable, "-", "--help"], stdin=source, capture_output=True, text=True,
+                                cwd=tmp_path, timeout=30)
+    assert result.returncode == 0 and "usage: clawbridge.py" in result.stdout, result.stderr
