@@ -659,11 +659,11 @@ def stream_snapshot(path, f, target):
             after = ENTITY_ENDS.get(line[end:], False)
             if after is False:
                 raise SnapshotLayout()
-            if text is not None:
-                if type(item) is not list or len(item) != width - 1:
-                    raise ValueError(f"an entry of {section} in {path} is not a row of its fields")
+            if text is not None and len(item) == width - 1:
                 item.append(entries)        # now in field order
                 target.load(section, item, text)
+            elif text is not None:      # too many or too few values: load_entity says so
+                load_entity(target, path, section, [entries, *item], fields)
             elif direct and type(item) is list and len(item) == width:
                 target.load(section, item)
             elif cls is not None:       # a section this version does not know is skipped

@@ -88,15 +88,16 @@ def live(tmp_path, clock):
 
 
 class BridgeProcess:
-    """clawbridge.py run as an operator runs it; the port comes from its start-up line."""
+    """clawbridge.py run as an operator runs it; the port comes from its start-up line. python is the command
+    line before the script: the interpreter, and any options of its own or a launcher."""
 
-    def __init__(self, workdir, env=None, args=()):
+    def __init__(self, workdir, env=None, args=(), python=(sys.executable,)):
         self.workdir = Path(workdir)
         self.log_path = self.workdir / f"bridge-{time.monotonic_ns()}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "CLAW"))}
         full_env.update({"PYTHONUNBUFFERED": "1"}, **(env or {}))
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, BRIDGE, "--port", "0", *args], cwd=self.workdir,
+        self.proc = subprocess.Popen([*python, BRIDGE, "--port", "0", *args], cwd=self.workdir,
                                      env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = self.wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -136,8 +137,8 @@ def start_bridge(tmp_path):
     """Start clawbridge.py as a subprocess in tmp_path (data in ./.clawhub); stopped at teardown."""
     procs = []
 
-    def start(env=None, args=(), workdir=None):
-        proc = BridgeProcess(workdir or tmp_path, env, args)
+    def start(env=None, args=(), workdir=None, python=(sys.executable,)):
+        proc = BridgeProcess(workdir or tmp_path, env, args, python)
         procs.append(proc)
         return proc
 

@@ -2,16 +2,14 @@
 import ast
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import AGENT, BRIDGE, ROOT, http_call
+from conftest import AGENT, BRIDGE, ROOT
 
 needs_curl_jq = pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
 
@@ -329,34 +327,21 @@ def test_sigterm_lets_a_request_in_flight_finish(start_bridge):
 
 @pytest.mark.skipif(not hasattr(sys, "orig_argv") or not Path("/proc/self/cmdline").exists(),
                     reason="needs sys.orig_argv (3.10+) and /proc")
-def test_a_script_run_serves_as_a_module_in_the_same_process(tmp_path):
+def test_a_script_run_serves_as_a_module_in_the_same_process(start_bridge, tmp_path):
     """`python3 clawbridge.py` replaces itself (same pid, arguments and interpreter options) with an interpreter
     running the file as a module, which frees the parse tree Python keeps for a script; the working directory
     still cannot shadow a standard module, just as for the script."""
     import clawbridge
     marker = tmp_path / "shadowed"
     (tmp_path / "logging.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed')\n")
-    log = tmp_path / "bridge.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "CLAW"))}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-W", "ignore::DeprecationWarning", BRIDGE, "--port", "0",
-                                 "--instance-id", "reloaded"], cwd=tmp_path, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while "Bridge running" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "Bridge running" in log.read_text(), log.read_text()
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", log.read_text()).group(1))
-        status, _, body = http_call(port, "GET", "/health")
-        assert status == 200 and body["instanceId"] == "reloaded"
-        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        assert [a.decode() for a in argv[1:]] == ["-W", "ignore::DeprecationWarning", "-c", clawbridge.RUN_AS_MODULE,
-                                                  BRIDGE, "--port", "0", "--instance-id", "reloaded"]
-        assert not marker.exists()
-    finally:
-        proc.kill()
-        proc.wait(10)
+    options = ["-W", "ignore::DeprecationWarning"]
+    bridge = start_bridge(args=("--instance-id", "reloaded"), python=(sys.executable, *options))
+    status, _, body = bridge.call("GET", "/health")
+    assert status == 200 and body["instanceId"] == "reloaded"
+    argv = Path(f"/proc/{bridge.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in argv[1:]] == [*options, "-c", clawbridge.RUN_AS_MODULE, BRIDGE, "--port", "0",
+                                              "--instance-id", "reloaded"]
+    assert not marker.exists()
 
 
 def test_the_bridge_read_from_stdin_runs_as_it_is(tmp_path):
