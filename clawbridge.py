@@ -39,20 +39,32 @@ import sys
 
 # Run as a script (`python3 clawbridge.py`), Python keeps the parse tree of the whole file, about 10 MB, until
 # the script returns: for a bridge, its whole life. So a script run at once replaces itself (exec: the same
-# process, pid, arguments and interpreter options) with an interpreter that runs this file as a module named
-# clawbridge, compiled the way an import compiles it, which frees that memory. Imported, run with -m, read
-# from stdin, or on Python 3.9 (no sys.orig_argv), it runs as it is.
-RUN_AS_MODULE = ("import os, runpy, sys; sys.argv.pop(0); here = os.path.dirname(os.path.abspath(sys.argv[0])); "
+# process, pid, arguments and interpreter options) with an interpreter that runs this file's code as a module
+# named clawbridge, which frees that memory. The code, compiled already, goes across in an anonymous file in
+# memory (memfd), so it is not compiled a second time and nothing is written to disk. Imported, run with -m,
+# read from stdin, on Python 3.9 (no sys.orig_argv) or without memfd (not Linux), it runs as it is.
+RUN_AS_MODULE = ("import marshal, os, sys, types; fd = int(sys.argv.pop(1)); sys.argv.pop(0); "
+                 "code = marshal.loads(os.pread(fd, os.fstat(fd).st_size, 0)); os.close(fd); "
+                 "here = os.path.dirname(os.path.abspath(sys.argv[0])); "
                  "sys.path[:1] = [here] if sys.path[:1] == [''] else sys.path[:1]; "
-                 "sys.exit(runpy.run_path(sys.argv[0], run_name='clawbridge')['main']())")
-if __name__ == "__main__" and __spec__ is None and getattr(sys, "orig_argv", None):
+                 "module = sys.modules['clawbridge'] = types.ModuleType('clawbridge'); module.__file__ = sys.argv[0]; "
+                 "exec(code, vars(module)); sys.exit(module.main())")
+if __name__ == "__main__" and __spec__ is None and getattr(sys, "orig_argv", None) and hasattr(os, "memfd_create"):
     _script_at = len(sys.orig_argv) - len(sys.argv)     # the interpreter's own options come before it
     if _script_at >= 1 and sys.orig_argv[_script_at:] == sys.argv and os.path.isfile(sys.argv[0]) and \
             sys.executable:
+        _code_fd = None
         try:
-            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:_script_at], "-c", RUN_AS_MODULE, *sys.argv])
-        except OSError:
-            pass    # the interpreter cannot be started again: run here, parse tree and all
+            import marshal
+            _code_fd = os.memfd_create("clawbridge-code", 0)
+            with open(_code_fd, "wb", closefd=False) as _code:
+                _code.write(marshal.dumps(sys._getframe().f_code))     # this module's code, as compiled
+            os.set_inheritable(_code_fd, True)
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:_script_at], "-c", RUN_AS_MODULE,
+                                      str(_code_fd), *sys.argv])
+        except (OSError, ValueError):
+            if _code_fd is not None:
+                os.close(_code_fd)      # the interpreter cannot be started again: run here, parse tree and all
 
 import argparse
 import bisect

@@ -329,8 +329,8 @@ def test_sigterm_lets_a_request_in_flight_finish(start_bridge):
                     reason="needs sys.orig_argv (3.10+) and /proc")
 def test_a_script_run_serves_as_a_module_in_the_same_process(start_bridge, tmp_path):
     """`python3 clawbridge.py` replaces itself (same pid, arguments and interpreter options) with an interpreter
-    running the file as a module, which frees the parse tree Python keeps for a script; the working directory
-    still cannot shadow a standard module, just as for the script."""
+    running the file's compiled code as a module, which frees the parse tree Python keeps for a script; the
+    working directory still cannot shadow a standard module, just as for the script."""
     import clawbridge
     marker = tmp_path / "shadowed"
     (tmp_path / "logging.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed')\n")
@@ -338,9 +338,12 @@ def test_a_script_run_serves_as_a_module_in_the_same_process(start_bridge, tmp_p
     bridge = start_bridge(args=("--instance-id", "reloaded"), python=(sys.executable, *options))
     status, _, body = bridge.call("GET", "/health")
     assert status == 200 and body["instanceId"] == "reloaded"
-    argv = Path(f"/proc/{bridge.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in argv[1:]] == [*options, "-c", clawbridge.RUN_AS_MODULE, BRIDGE, "--port", "0",
-                                              "--instance-id", "reloaded"]
+    argv = [a.decode() for a in Path(f"/proc/{bridge.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    code_fd = argv[len(options) + 3]    # the descriptor the compiled code came through, closed once read
+    assert code_fd.isdigit() and argv[1:] == [*options, "-c", clawbridge.RUN_AS_MODULE, code_fd, BRIDGE, "--port",
+                                              "0", "--instance-id", "reloaded"]
+    open_files = [os.readlink(f"/proc/{bridge.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{bridge.proc.pid}/fd")]
+    assert not any("clawbridge-code" in name for name in open_files), open_files
     assert not marker.exists()
 
 
