@@ -81,6 +81,7 @@ import hmac
 import itertools
 import http
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -90,6 +91,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -3692,6 +3694,42 @@ MAX_REQUEST_LINE = 65536      # longer request lines get 414, as in http.server
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE"))
 
 
+class KernelTimedIO(socket.SocketIO):
+    """A connection's socket as a file, the socket blocking and its timeout kept by the kernel (SO_RCVTIMEO,
+    SO_SNDTIMEO). A Python socket timeout polls before every recv and send, two more waits a request, each
+    of which hands the interpreter lock to another thread: a third of a busy bridge's CPU went on that. A
+    read or write that waits past the timeout fails with EAGAIN, raised here as the TimeoutError a Python
+    timeout raises."""
+
+    def readinto(self, buffer):
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+
+    def write(self, data):
+        try:
+            self._sock.sendall(data)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+        return len(data)
+
+
+def kernel_timeout(sock, seconds):
+    """Make sock blocking with its timeout kept by the kernel; False (sock untouched) where the kernel does
+    not take the option as this program packs it (a struct timeval of two C longs)."""
+    value = struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(value)) != value:
+            return False
+    except (OSError, AttributeError):
+        return False
+    sock.settimeout(None)
+    return True
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection. Every request of a method in METHODS goes through _dispatch; every response, errors
     included, is JSON written in one send."""
@@ -3702,8 +3740,13 @@ class Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT
 
     def setup(self):
-        super().setup()
+        self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if kernel_timeout(self.connection, self.timeout):
+            self.rfile = io.BufferedReader(KernelTimedIO(self.connection, "rb"))
+            self.wfile = KernelTimedIO(self.connection, "wb")
+        else:       # a Python socket timeout, as http.server sets it
+            super().setup()
         self.slot = self.server.connections.get(self.connection) or [False, time.monotonic(), False]
 
     def handle_one_request(self):
@@ -3818,7 +3861,12 @@ class Handler(BaseHTTPRequestHandler):
         length = int(lengths[0])
         if length > MAX_BODY_BYTES:
             raise BridgeError(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise BridgeError(408, "request_timeout", f"The body did not arrive: nothing came for {self.timeout:g} "
+                                                      "seconds.") from None
         self._unread_body = False
         if len(raw) < length:
             self.close_connection = True

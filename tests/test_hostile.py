@@ -969,6 +969,48 @@ def test_a_slow_request_that_completes_within_the_deadline_is_served(make_bridge
     assert [a.status for a in parse_answers(received)] == [200]
 
 
+def test_the_kernel_keeps_a_connection_timeout_without_a_python_one():
+    """kernel_timeout leaves the socket blocking (no poll before each recv and send) and a recv that waits
+    past the timeout raises the TimeoutError of a Python socket timeout, through KernelTimedIO."""
+    left, right = socket.socketpair()
+    with left, right:
+        assert clawbridge.kernel_timeout(left, 0.3)
+        assert left.gettimeout() is None
+        reader = clawbridge.KernelTimedIO(left, "rb")
+        right.sendall(b"ping")
+        assert reader.readinto(bytearray(16)) == 4
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            reader.readinto(bytearray(16))
+        assert 0.2 <= time.monotonic() - started < 3.0
+        writer = clawbridge.KernelTimedIO(left, "wb")
+        with pytest.raises(socket.timeout):     # nobody reads the other end: the send buffer fills, then waits
+            while True:
+                writer.write(b"x" * 65536)
+
+
+@pytest.mark.parametrize("kept_by", ["kernel", "python"])
+@pytest.mark.parametrize("sent", [b"", HEAD_ONLY + b'{"title": "half'], ids=["silent", "stalled-body"])
+def test_a_client_silent_past_the_socket_timeout_is_dropped(make_bridge, monkeypatch, sent, kept_by):
+    """The socket timeout (30 s in service) is the backstop behind the request deadline: with the deadline
+    far away, a connection silent for longer than the timeout is closed, a body cut short answered with 408,
+    nothing saved; the same where the kernel does not keep the timeout and Python's is used."""
+    if kept_by == "python":
+        monkeypatch.setattr(clawbridge, "kernel_timeout", lambda sock, seconds: False)
+    live = make_bridge()
+    set_request_deadline(live, 60.0)
+    live.server.RequestHandlerClass = type("ShortTimeout", (clawbridge.Handler,), {"timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+        sock.sendall(sent)
+        elapsed, received = drip_until_closed(sock, b"", limit=5)
+    assert elapsed is not None and 0.4 <= elapsed <= 3.0, elapsed
+    answers = parse_answers(received)
+    assert [a.status for a in answers] == ([408] if sent else []), received[:300]
+    assert all(answer_problems(a, []) == [] for a in answers), answers
+    assert ok(live.port, "GET", "/health")["status"] == "ok"
+    assert ok(live.port, "GET", "/api/tasks", token=ADMIN) == []
+
+
 @pytest.mark.parametrize("idle_first", [0, 200], ids=["alone", "beside-200-slow-clients"])
 def test_300_concurrent_fast_requests_on_new_connections_all_succeed(make_bridge, idle_first):
     """More connections than MAX_CONNECTIONS: room is made from slow clients, never from fast ones."""
