@@ -3697,9 +3697,9 @@ METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE"))
 class KernelTimedIO(socket.SocketIO):
     """A connection's socket as a file, the socket blocking and its timeout kept by the kernel (SO_RCVTIMEO,
     SO_SNDTIMEO). A Python socket timeout polls before every recv and send, two more waits a request, each
-    of which hands the interpreter lock to another thread: a third of a busy bridge's CPU went on that. A
-    read or write that waits past the timeout fails with EAGAIN, raised here as the TimeoutError a Python
-    timeout raises."""
+    of which hands the interpreter lock to another thread: about an eighth of the CPU of a heartbeat at 8
+    connections went on that. A read or write that waits past the timeout fails with EAGAIN, raised here as
+    the TimeoutError a Python timeout raises."""
 
     def readinto(self, buffer):
         try:
@@ -3716,8 +3716,9 @@ class KernelTimedIO(socket.SocketIO):
 
 
 def kernel_timeout(sock, seconds):
-    """Make sock blocking with its timeout kept by the kernel; False (sock untouched) where the kernel does
-    not take the option as this program packs it (a struct timeval of two C longs)."""
+    """Make sock blocking with its timeout kept by the kernel. False where the kernel does not take the option
+    as this program packs it (a struct timeval of two C longs): the caller then uses a Python timeout, which
+    makes the socket non-blocking underneath, so whatever the kernel kept does not apply."""
     value = struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
