@@ -1434,8 +1434,10 @@ def add_bridge_options(parser):
     parser.add_argument("--env-file", metavar="FILE", help="KEY=VALUE settings file (default ./.env when present)")
 
 
-def build_parser():
-    """The command line: one subcommand per task of an agent machine, each with its manual in --help."""
+def build_parser(only=None):
+    """The command line: one subcommand per task of an agent machine, each with its manual in --help. With
+    only (a command name), that subcommand alone: argparse builds every parser it is given, and a cron beat
+    should not pay for the other six."""
     parser = argparse.ArgumentParser(
         prog="clawagent.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The agent side of clawbridge: register agents, send their heartbeats, work their tasks.",
@@ -1450,66 +1452,76 @@ def build_parser():
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         return sub
 
+    def wanted(name):
+        return only is None or name == only
+
     agent_help = "the agent's id (1-64 of A-Z a-z 0-9 . _ -)"
-    sub = command("register", "register an agent (idempotent) and save its settings")
-    sub.add_argument("--agent", required=True, help=agent_help)
-    sub.add_argument("--roles", help="comma-separated roles, e.g. backend-dev,api")
-    sub.add_argument("--emoji", help="an emoji shown with the agent")
-    sub.add_argument("--name", help="display name (default: the id)")
-    sub.add_argument("--model", help="the model the agent runs")
-    sub.add_argument("--workspace", metavar="DIR", help="the agent's working directory")
-    sub.add_argument("--instance", help="instance (machine) name (INSTANCE_ID; default the short host name)")
-    sub.add_argument("--max-tasks", metavar="N", help="tasks at once (MAX_CONCURRENT_TASKS; default 3)")
-    sub.add_argument("--interval", metavar="SECONDS",
-                     help="heartbeat cadence it declares (HEARTBEAT_INTERVAL in ms; default 900 s)")
-    sub.add_argument("--tailscale-ip", metavar="IP", help="Tailscale address to record instead of detecting it")
-    sub.add_argument("--json", action="store_true", help="print the agent as the bridge returned it")
-    add_bridge_options(sub)
+    if wanted("register"):
+        sub = command("register", "register an agent (idempotent) and save its settings")
+        sub.add_argument("--agent", required=True, help=agent_help)
+        sub.add_argument("--roles", help="comma-separated roles, e.g. backend-dev,api")
+        sub.add_argument("--emoji", help="an emoji shown with the agent")
+        sub.add_argument("--name", help="display name (default: the id)")
+        sub.add_argument("--model", help="the model the agent runs")
+        sub.add_argument("--workspace", metavar="DIR", help="the agent's working directory")
+        sub.add_argument("--instance", help="instance (machine) name (INSTANCE_ID; default the short host name)")
+        sub.add_argument("--max-tasks", metavar="N", help="tasks at once (MAX_CONCURRENT_TASKS; default 3)")
+        sub.add_argument("--interval", metavar="SECONDS",
+                         help="heartbeat cadence it declares (HEARTBEAT_INTERVAL in ms; default 900 s)")
+        sub.add_argument("--tailscale-ip", metavar="IP", help="Tailscale address to record instead of detecting it")
+        sub.add_argument("--json", action="store_true", help="print the agent as the bridge returned it")
+        add_bridge_options(sub)
 
-    sub = command("heartbeat", "send one heartbeat (for cron)")
-    sub.add_argument("--agent", required=True, help=agent_help)
-    sub.add_argument("--instance", help="instance name (INSTANCE_ID; default the saved one)")
-    sub.add_argument("--interval", metavar="SECONDS", help="cadence to declare (HEARTBEAT_INTERVAL in ms)")
-    sub.add_argument("--quiet", action="store_true", help="print nothing when the beat succeeds")
-    sub.add_argument("--json", action="store_true", help="print the bridge's reply")
-    add_bridge_options(sub)
+    if wanted("heartbeat"):
+        sub = command("heartbeat", "send one heartbeat (for cron)")
+        sub.add_argument("--agent", required=True, help=agent_help)
+        sub.add_argument("--instance", help="instance name (INSTANCE_ID; default the saved one)")
+        sub.add_argument("--interval", metavar="SECONDS", help="cadence to declare (HEARTBEAT_INTERVAL in ms)")
+        sub.add_argument("--quiet", action="store_true", help="print nothing when the beat succeeds")
+        sub.add_argument("--json", action="store_true", help="print the bridge's reply")
+        add_bridge_options(sub)
 
-    sub = command("run", "beat every instance of this machine continuously")
-    sub.add_argument("--interval", metavar="SECONDS", default=str(DEFAULT_RUN_INTERVAL),
-                     help="seconds between beats (default 60)")
-    sub.add_argument("--instance", help="beat this instance (INSTANCE_ID) instead of the saved ones")
-    sub.add_argument("--once", action="store_true", help="one round, then exit")
-    sub.add_argument("--verbose", action="store_true", help="log every beat")
-    add_bridge_options(sub)
+    if wanted("run"):
+        sub = command("run", "beat every instance of this machine continuously")
+        sub.add_argument("--interval", metavar="SECONDS", default=str(DEFAULT_RUN_INTERVAL),
+                         help="seconds between beats (default 60)")
+        sub.add_argument("--instance", help="beat this instance (INSTANCE_ID) instead of the saved ones")
+        sub.add_argument("--once", action="store_true", help="one round, then exit")
+        sub.add_argument("--verbose", action="store_true", help="log every beat")
+        add_bridge_options(sub)
 
-    sub = command("setup-heartbeats", "install staggered heartbeat cron lines (or systemd timers)")
-    sub.add_argument("--setup", action="store_true", help="a heartbeat for every agent registered on this machine")
-    sub.add_argument("--agent", help="a heartbeat for this agent")
-    sub.add_argument("--schedule", metavar="CRON",
-                     help="cron schedule for --agent (with --systemd: an OnCalendar expression)")
-    sub.add_argument("--list", action="store_true", help="show the installed heartbeats")
-    sub.add_argument("--remove", metavar="ID", help="remove the heartbeat of this agent")
-    sub.add_argument("--systemd", action="store_true", help="a systemd .service/.timer pair instead of cron")
-    sub.add_argument("--install", action="store_true", help="with --systemd: write the units to "
-                                                            "~/.config/systemd/user/")
+    if wanted("setup-heartbeats"):
+        sub = command("setup-heartbeats", "install staggered heartbeat cron lines (or systemd timers)")
+        sub.add_argument("--setup", action="store_true", help="a heartbeat for every agent registered on this machine")
+        sub.add_argument("--agent", help="a heartbeat for this agent")
+        sub.add_argument("--schedule", metavar="CRON",
+                         help="cron schedule for --agent (with --systemd: an OnCalendar expression)")
+        sub.add_argument("--list", action="store_true", help="show the installed heartbeats")
+        sub.add_argument("--remove", metavar="ID", help="remove the heartbeat of this agent")
+        sub.add_argument("--systemd", action="store_true", help="a systemd .service/.timer pair instead of cron")
+        sub.add_argument("--install", action="store_true", help="with --systemd: write the units to "
+                                                                "~/.config/systemd/user/")
 
-    sub = command("tasks", "list an agent's tasks")
-    sub.add_argument("--agent", required=True, help=agent_help)
-    sub.add_argument("--json", action="store_true", help="print the bridge's reply")
-    add_bridge_options(sub)
+    if wanted("tasks"):
+        sub = command("tasks", "list an agent's tasks")
+        sub.add_argument("--agent", required=True, help=agent_help)
+        sub.add_argument("--json", action="store_true", help="print the bridge's reply")
+        add_bridge_options(sub)
 
-    sub = command("task", "claim, start, complete, block or release a task")
-    sub.add_argument("verb", choices=("claim", "start", "complete", "block", "release"))
-    sub.add_argument("task_id", metavar="TASK_ID")
-    sub.add_argument("--agent", required=True, help=agent_help)
-    sub.add_argument("--reason", metavar="TEXT", help="why (recorded in the task's history)")
-    sub.add_argument("--json", action="store_true", help="print the task")
-    add_bridge_options(sub)
+    if wanted("task"):
+        sub = command("task", "claim, start, complete, block or release a task")
+        sub.add_argument("verb", choices=("claim", "start", "complete", "block", "release"))
+        sub.add_argument("task_id", metavar="TASK_ID")
+        sub.add_argument("--agent", required=True, help=agent_help)
+        sub.add_argument("--reason", metavar="TEXT", help="why (recorded in the task's history)")
+        sub.add_argument("--json", action="store_true", help="print the task")
+        add_bridge_options(sub)
 
-    sub = command("doctor", "check an agent's setup, with a fix for each failure")
-    sub.add_argument("--agent", required=True, help=agent_help)
-    sub.add_argument("--json", action="store_true", help="print the checks as JSON")
-    add_bridge_options(sub)
+    if wanted("doctor"):
+        sub = command("doctor", "check an agent's setup, with a fix for each failure")
+        sub.add_argument("--agent", required=True, help=agent_help)
+        sub.add_argument("--json", action="store_true", help="print the checks as JSON")
+        add_bridge_options(sub)
     return parser
 
 
@@ -1529,8 +1541,9 @@ def main(argv=None):
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")    # an emoji must not crash a C-locale cron job
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
+    args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

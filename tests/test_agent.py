@@ -581,6 +581,26 @@ def test_each_command_has_a_manual(tmp_path):
         assert "Examples:" in manual and f"python3 clawagent.py {command}" in manual and "Exit codes" in manual
 
 
+def test_a_command_parsed_alone_is_the_command_of_the_full_line():
+    """main builds only the parser of the command it is given: each must read and explain its arguments
+    exactly as the full command line does, and the top level must still list every command."""
+    sys.path.insert(0, str(ROOT))
+    import clawagent
+
+    def commands(parser):
+        return next(a for a in parser._actions if a.dest == "command").choices
+
+    full = clawagent.build_parser()
+    assert list(commands(full)) == list(clawagent.COMMANDS)
+    samples = {"task": ["start", "task-1", "--agent", "a"], "setup-heartbeats": ["--list"], "run": ["--once"]}
+    for name in clawagent.COMMANDS:
+        alone = clawagent.build_parser(only=name)
+        assert list(commands(alone)) == [name]
+        assert commands(alone)[name].format_help() == commands(full)[name].format_help()
+        argv = [name, *samples.get(name, ["--agent", "a"])]
+        assert vars(alone.parse_args(argv)) == vars(full.parse_args(argv))
+
+
 def test_importing_has_no_side_effects(tmp_path):
     machine = Machine(tmp_path / "machine")
     done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import clawagent"],
