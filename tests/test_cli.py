@@ -347,6 +347,27 @@ def test_a_script_run_serves_as_a_module_in_the_same_process(start_bridge, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.skipif(not hasattr(sys, "orig_argv") or not Path("/proc/self/cmdline").exists(),
+                    reason="needs sys.orig_argv (3.10+) and /proc")
+def test_a_script_run_without_memfd_serves_as_it_was_started(start_bridge, tmp_path):
+    """Where memfd_create is refused (a seccomp filter, an old kernel), the script does not replace itself:
+    it serves as it was started, with nothing left open."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def refused(*args):\n"
+        "    raise OSError(errno.ENOSYS, 'memfd_create refused')\n"
+        "os.memfd_create = refused\n")
+    bridge = start_bridge(env={"PYTHONPATH": str(hooks)}, args=("--instance-id", "as-started"))
+    status, _, body = bridge.call("GET", "/health")
+    assert status == 200 and body["instanceId"] == "as-started"
+    argv = [a.decode() for a in Path(f"/proc/{bridge.proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    assert argv[1:] == [BRIDGE, "--port", "0", "--instance-id", "as-started"]
+    open_files = [os.readlink(f"/proc/{bridge.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{bridge.proc.pid}/fd")]
+    assert not any("clawbridge-code" in name for name in open_files), open_files
+
+
 def test_the_bridge_read_from_stdin_runs_as_it_is(tmp_path):
     """`python3 - < clawbridge.py` has no file to run again as a module: it runs where it is."""
     with open(BRIDGE, "rb") as source:
