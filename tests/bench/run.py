@@ -45,7 +45,7 @@ def machine():
 
 def host_speed():
     """The median wall time of `python3 -c pass` (ms) on this host, the same interpreter as the benchmarks.
-    The issue's absolute targets assume a machine where it takes about 35 ms; on a slower host every absolute
+    The absolute targets assume a machine where it takes about 35 ms; on a slower host every absolute
     figure grows with it, the ratios much less."""
     times = []
     for _ in range(7):
