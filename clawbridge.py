@@ -885,7 +885,10 @@ class Journal:
     def __init__(self, data_dir, next_seq, segment_name=None, fsync=os.fsync):
         self.data_dir = data_dir
         self.fsync = fsync
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.this_round = threading.Condition(self.lock)    # writers the fsync in progress covers
+        self.next_round = threading.Condition(self.lock)    # writers that came after it began
+        self.sync_target = next_seq - 1     # the last record the fsync in progress covers
         self.written = next_seq - 1     # last record handed to the OS
         self.synced = next_seq - 1      # last record known to be on disk
         self.size = 0                   # bytes of whole records in the current segment
@@ -905,7 +908,7 @@ class Journal:
 
     def append(self, record):
         """Give one record its seq and write it to the OS; the caller must then wait(seq)."""
-        with self.cond:
+        with self.lock:
             if self.failed:
                 raise self.failed
             seq = self.written + 1
@@ -929,42 +932,60 @@ class Journal:
             log.exception("cannot cut the journal back to its last good record")
 
     def wait(self, seq):
-        """Return once record seq is on disk; raise the OSError if the disk refused it."""
+        """Return once record seq is on disk; raise the OSError if the disk refused it. One writer at a time
+        runs the fsync, for every record written before it began. The others sleep until the fsync that
+        covers their record ends, and only they are woken then, with one of the later writers to run the next
+        fsync: woken all at once, most of 64 waiting writers would only wait again, each wake a hand-off of
+        the interpreter lock."""
         if self.synced >= seq:      # the usual case for a read or a plain heartbeat: no lock needed to know
             return
-        with self.cond:
+        with self.lock:
             while self.synced < seq:
                 if self.failed:
                     raise self.failed
                 if self.syncing:
-                    self.cond.wait()
+                    (self.this_round if seq <= self.sync_target else self.next_round).wait()
                     continue
                 self.syncing = True
                 target, size, fd = self.written, self.size, self.fd
-                self.cond.release()
+                self.sync_target = target
+                self.lock.release()
                 started = time.monotonic()
+                done, error = False, None
                 try:
                     self.fsync(fd)
-                    error = None
+                    done = True
                 except OSError as exc:
                     error = exc
                 finally:
-                    self.cond.acquire()
+                    self.lock.acquire()
                     self.syncing = False
                     self.fsync_seconds += time.monotonic() - started
                     self.fsync_count += 1
-                    self.cond.notify_all()
+                    if done:
+                        self.synced, self.synced_size = max(self.synced, target), size
+                    self.end_round(error)
                 if error:
-                    self.failed = error
                     raise error
-                self.synced, self.synced_size = max(self.synced, target), size
+
+    def end_round(self, error):
+        """After an fsync (under the lock): wake the writers it covered; the writers that came during it are
+        the next round's, and one of them runs its fsync. After a failure every writer is woken, to raise."""
+        if error:
+            self.failed = error
+        self.this_round.notify_all()
+        self.this_round, self.next_round = self.next_round, self.this_round
+        if error:
+            self.this_round.notify_all()
+        else:
+            self.this_round.notify()
 
     def discard_unsynced(self):
         """After a failure: forget the records not known to be on disk, so none of them can come back at the
         next start. Returns the last record kept."""
-        with self.cond:
+        with self.lock:
             while self.syncing:
-                self.cond.wait()
+                self.this_round.wait()
             if self.written > self.synced:
                 self.cut_to(self.synced_size)
                 self.written, self.size = self.synced, self.synced_size
@@ -973,9 +994,9 @@ class Journal:
     def rotate(self):
         """Start a new segment after the last written record. Called under the state lock, so no record
         can be appended meanwhile; returns the seq the new segment follows."""
-        with self.cond:
+        with self.lock:
             while self.syncing:
-                self.cond.wait()
+                self.this_round.wait()
             if not self.failed and self.synced < self.written:
                 try:
                     self.fsync(self.fd)
@@ -992,12 +1013,12 @@ class Journal:
             return self.written
 
     def recovered(self, failure):
-        with self.cond:
+        with self.lock:
             if self.failed is failure:
                 self.failed = None
 
     def close(self):
-        with self.cond:
+        with self.lock:
             if self.fd is not None:
                 if not self.failed and self.synced < self.written:
                     self.fsync(self.fd)

@@ -904,6 +904,84 @@ def test_each_acknowledged_write_is_fsynced_before_its_reply_and_writers_share_f
     assert disk.calls - calls <= writers // 2, f"{disk.calls - calls} fsyncs for {writers} concurrent writes"
 
 
+class CountingCondition(threading.Condition):
+    """A condition that counts how often a thread went to sleep on it."""
+    sleeps = 0
+
+    def wait(self, timeout=None):
+        CountingCondition.sleeps += 1
+        return super().wait(timeout)
+
+
+def journal_writers(journal, writers, rounds, witness=lambda: None):
+    """writers threads, each appending a record to the journal and waiting for it, rounds times. Returns
+    [(seq, error or None, what witness() said as the wait returned)] in the order the waits returned."""
+    journal.this_round = CountingCondition(journal.lock)
+    journal.next_round = CountingCondition(journal.lock)
+    CountingCondition.sleeps = 0
+    barrier, returned = threading.Barrier(writers), []
+
+    def writer():
+        barrier.wait()
+        for _ in range(rounds):
+            seq = journal.append({"ops": []})
+            try:
+                journal.wait(seq)
+                returned.append((seq, None, witness()))
+            except OSError as exc:
+                returned.append((seq, exc, witness()))
+                return
+
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a writer never woke up"
+    return returned
+
+
+def test_a_finished_fsync_wakes_only_the_writers_it_covered(tmp_path):
+    """Group commit: each wait returns only once an fsync that began after its record was written has ended,
+    and a writer sleeps about once per record (the fsync that covers it), not once per fsync of anyone's."""
+    covered = []    # the last record each finished fsync covered, appended as it ends
+
+    def slow_fsync(fd):
+        target = journal.sync_target
+        time.sleep(0.005)
+        os.fsync(fd)
+        covered.append(target)
+
+    journal = clawbridge.Journal(str(tmp_path), 1, fsync=slow_fsync)
+    returned = journal_writers(journal, writers=24, rounds=8, witness=lambda: max(covered, default=0))
+    assert sorted(seq for seq, _, _ in returned) == list(range(1, 24 * 8 + 1))
+    assert all(error is None for _, error, _ in returned)
+    early = [(seq, on_disk) for seq, _, on_disk in returned if on_disk < seq]
+    assert not early, f"waits that returned before an fsync covered their record: {early[:5]}"
+    assert journal.synced == 24 * 8 and covered[-1] == 24 * 8
+    assert len(covered) < 24 * 8 / 2, f"{len(covered)} fsyncs for {24 * 8} writes: no group commit"
+    # one sleep a write, two for a writer picked to run an fsync that another one began first; woken by every
+    # fsync, they sleep about twice as often
+    assert CountingCondition.sleeps <= 1.4 * 24 * 8, \
+        f"{CountingCondition.sleeps} sleeps for {24 * 8} writes: writers woken by fsyncs that did not cover them"
+
+
+def test_a_failed_fsync_wakes_every_waiting_writer_to_raise(tmp_path):
+    started, release = threading.Event(), threading.Event()
+
+    def failing_fsync(fd):
+        started.set()
+        release.wait(10)    # every writer has appended and waits behind this fsync
+        raise OSError(errno.EIO, "I/O error")
+
+    threading.Timer(0.3, release.set).start()
+    journal = clawbridge.Journal(str(tmp_path), 1, fsync=failing_fsync)
+    returned = journal_writers(journal, writers=8, rounds=1)
+    assert started.is_set() and len(returned) == 8
+    assert all(isinstance(error, OSError) and error.errno == errno.EIO for _, error, _ in returned)
+    assert isinstance(journal.failed, OSError) and journal.synced == 0
+
+
 def test_a_failing_fsync_refuses_writes_until_a_snapshot_succeeds(open_live):
     live, disk, kept = broken_disk(open_live)
     status, _, health = live.call("GET", "/health")
