@@ -920,6 +920,7 @@ class Journal:
             except OSError as exc:
                 self.failed = exc
                 self.cut_to(self.size)      # no half record may stay in front of later ones
+                self.wake_all()
                 raise
             self.written = seq
             self.size += len(data)
@@ -973,12 +974,18 @@ class Journal:
         the next round's, and one of them runs its fsync. After a failure every writer is woken, to raise."""
         if error:
             self.failed = error
+            self.wake_all()
+            return
         self.this_round.notify_all()
         self.this_round, self.next_round = self.next_round, self.this_round
-        if error:
-            self.this_round.notify_all()
-        else:
-            self.this_round.notify()
+        self.this_round.notify()
+
+    def wake_all(self):
+        """Wake every waiting writer to look again (under the lock). Whatever fails the journal or fsyncs it
+        outside a round calls it: the writer picked to run the next fsync may then have none to run, and
+        the others would sleep on."""
+        self.this_round.notify_all()
+        self.next_round.notify_all()
 
     def discard_unsynced(self):
         """After a failure: forget the records not known to be on disk, so none of them can come back at the
@@ -1000,10 +1007,12 @@ class Journal:
             if not self.failed and self.synced < self.written:
                 try:
                     self.fsync(self.fd)
+                    self.synced, self.synced_size = self.written, self.size
                 except OSError as exc:
                     self.failed = exc
                     raise
-                self.synced, self.synced_size = self.written, self.size
+                finally:
+                    self.wake_all()     # they see what it did once the lock is free
             name = f"journal-{self.written + 1:012d}.jsonl"
             if name == self.segment:
                 self.cut_to(self.size)      # nothing was added since it began; drop what a failure left
@@ -1023,6 +1032,7 @@ class Journal:
                 if not self.failed and self.synced < self.written:
                     self.fsync(self.fd)
                     self.synced = self.written
+                    self.wake_all()
                 os.close(self.fd)
                 self.fd = None
 

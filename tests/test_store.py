@@ -982,6 +982,55 @@ def test_a_failed_fsync_wakes_every_waiting_writer_to_raise(tmp_path):
     assert isinstance(journal.failed, OSError) and journal.synced == 0
 
 
+def test_a_failed_append_wakes_the_writers_waiting_for_the_next_fsync(tmp_path):
+    """Two writers wait for the fsync after the one in progress when a third writer's append fails: once
+    that fsync ends, the writer picked to run the next one finds the journal failed, and the other must not
+    sleep on, waiting for an fsync that nobody will run."""
+    started, release = threading.Event(), threading.Event()
+
+    def first_fsync_waits(fd):
+        started.set()
+        release.wait(10)
+        os.fsync(fd)
+
+    journal = clawbridge.Journal(str(tmp_path), 1, fsync=first_fsync_waits)
+    journal.this_round = CountingCondition(journal.lock)
+    journal.next_round = CountingCondition(journal.lock)
+    CountingCondition.sleeps = 0
+    outcome = {}
+
+    def writer(name):
+        seq = journal.append({"ops": []})
+        try:
+            journal.wait(seq)
+            outcome[name] = seq
+        except OSError as exc:
+            outcome[name] = exc
+
+    first = threading.Thread(target=writer, args=("first",), daemon=True)
+    first.start()
+    assert started.wait(10)
+    later = [threading.Thread(target=writer, args=(name,), daemon=True) for name in ("second", "third")]
+    for thread in later:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while CountingCondition.sleeps < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert CountingCondition.sleeps == 2, "both later writers wait behind the fsync in progress"
+    writable = journal.fd
+    journal.fd = os.open(os.path.join(str(tmp_path), journal.segment), os.O_RDONLY)    # the next write fails
+    with pytest.raises(OSError):
+        journal.append({"ops": []})
+    os.close(journal.fd)
+    journal.fd = writable
+    release.set()
+    for thread in [first, *later]:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in [first, *later]), f"a writer sleeps on: {outcome}"
+    assert outcome["first"] == 1
+    assert isinstance(outcome["second"], OSError) and isinstance(outcome["third"], OSError)
+
+
 def test_a_failing_fsync_refuses_writes_until_a_snapshot_succeeds(open_live):
     live, disk, kept = broken_disk(open_live)
     status, _, health = live.call("GET", "/health")
