@@ -1219,7 +1219,8 @@ class Task(NamedTuple):
     updatedAt: int = 0
     queuedAt: int = 0       # the bridge counter when it last entered the queue: queue order within a priority
     history: str = "[]"     # [[at, event, by, note], ...], the latest HISTORY_LIMIT, as compact JSON text:
-    #                         a third of the memory of tuples, and written to disk as it is
+    #                         a third of the memory of tuples, and written to disk as it is; "],[" in it
+    #                         is always a boundary between two entries (history_text)
 
 
 class Notification(NamedTuple):
@@ -1298,13 +1299,28 @@ def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
 def history_from_json(entries, text=None):
     """A task's stored history (a list of [at, event, by, note]) as the compact text the task holds. text is
     that list as stored, when the caller has it: taken as it is when it holds at most HISTORY_LIMIT entries
-    and they are joined by "],[" as history_extend counts them (not so with white space, or with "],[" in a
-    note: then it is encoded again)."""
+    and "],[" only between them (not so with white space, or with "],[" in a note: then it is encoded again)."""
     check_history(entries)
     if text is not None and len(entries) <= HISTORY_LIMIT and \
             (text.count("],[") + 1 == len(entries) if entries else text == "[]"):
         return text
-    return COMPACT(entries[-HISTORY_LIMIT:])
+    return history_text(entries[-HISTORY_LIMIT:])
+
+
+def history_text(entries):
+    """Compact JSON of history entries with "],[" only between two entries (a "]" inside a string is written
+    \\u005d when a string holds "],["), so history_extend and history_added count and cut entries in the
+    text without decoding it. ValueError for an entry that holds a list or an object there."""
+    text = COMPACT(entries)
+    if text.count("],[") + 1 == len(entries) or not entries:
+        return text
+    rows = []
+    for entry in entries:
+        if any(isinstance(value, (list, tuple, dict)) for value in entry):
+            raise ValueError("a history entry holds a list or an object")
+        rows.append("[" + ",".join(COMPACT(value).replace("]", "\\u005d") if type(value) is str else COMPACT(value)
+                                   for value in entry) + "]")
+    return f"[{','.join(rows)}]"
 
 
 def check_history(entries):
@@ -1812,31 +1828,35 @@ def add_history(task, now, event, by=None, note=None):
 
 
 def history_extend(text, entries):
-    """History text with entries appended, the oldest dropped past HISTORY_LIMIT."""
+    """History text with entries appended, the oldest dropped past HISTORY_LIMIT. "],[" in the text is always
+    a boundary between two entries (history_text), so the entries are counted, and the oldest cut off, in
+    the text as it is."""
     check_history(entries)
     if not entries:
         return text
-    if text == "[]":
-        return COMPACT(entries[-HISTORY_LIMIT:])
-    # each boundary between entries is "],[" (a note may hold it too, which only overcounts): below the
-    # limit the entries are appended to the text without decoding it
-    if text.count("],[") + 1 + len(entries) <= HISTORY_LIMIT:
-        return f"{text[:-1]},{COMPACT(entries)[1:]}"
-    return COMPACT((json.loads(text) + entries)[-HISTORY_LIMIT:])
+    if text == "[]" or len(entries) >= HISTORY_LIMIT:
+        return history_text(entries[-HISTORY_LIMIT:])
+    cut = 1     # where the first entry kept begins
+    for _ in range(text.count("],[") + 1 + len(entries) - HISTORY_LIMIT):
+        cut = text.index("],[", cut) + 2
+    return f"[{text[cut:-1]},{history_text(entries)[1:]}"
 
 
 def history_added(old, new):
     """The entries that history text new adds at the end of old (cut to the latest HISTORY_LIMIT), as a list,
-    or None when new is not old plus a few entries."""
+    or None when new is not old plus a few entries. The texts are compared as they are: new is old, less up
+    to a few of its oldest entries, and then the ones added."""
     if old == "[]":
         return json.loads(new)
-    if new.startswith(old[:-1]) and new[len(old) - 1:len(old)] == ",":
-        return json.loads("[" + new[len(old):])
-    old, new = json.loads(old), json.loads(new)     # the oldest entries were dropped: compare the lists
-    for count in range(min(len(new), 8) + 1):
-        added = new[len(new) - count:]
-        if (old + added)[-HISTORY_LIMIT:] == new:
-            return added
+    count, cut = old.count("],[") + 1, 1
+    for dropped in range(min(count, 9)):
+        if dropped:
+            cut = old.index("],[", cut) + 2
+        end = len(old) - cut        # in new, where the entries kept from old end
+        if new.startswith(old[cut:-1], 1) and new[end:end + 1] == ",":
+            added = json.loads("[" + new[end + 1:])
+            if dropped == max(0, count + len(added) - HISTORY_LIMIT):
+                return added
     return None
 
 
@@ -2388,7 +2408,7 @@ def create_task(state, now, payload):
         roles=get_words(payload, "roles", MAX_ROLES), priority=get_priority(payload, DEFAULT_PRIORITY),
         preferredInstance=instance or preferred,
         tags=get_words(payload, "tags", MAX_TAGS), createdAt=now.ms, updatedAt=now.ms,
-        history=COMPACT([[now.ms, "created", None, None]]))
+        history=history_text([[now.ms, "created", None, None]]))
     task = task._replace(queuedAt=state.tick(now))
     lane = get_lane(payload, default="queued")
     target = get_optional_id(payload, "assignedTo")

@@ -295,6 +295,32 @@ def test_the_journal_carries_only_the_history_entries_a_change_adds():
     assert cb.history_added(two, one) is None, "not an append: the journal writes the whole history"
 
 
+def test_past_the_limit_the_journal_still_finds_the_entries_added_whatever_the_notes_hold():
+    """Past the limit an append drops the oldest entries in the text, and the journal finds the entries added
+    in the texts, without decoding either: right even when notes hold "]" or "],["."""
+    history = "[]"
+    for n in range(cb.HISTORY_LIMIT + 12):
+        entries = [[n, "note", "api", "],[" * (n % 3) + "]" * (n % 2) + f"note {n}"]] + \
+            [[n, "start", "a1", None]] * (n % 4 == 0)
+        longer = cb.history_extend(history, entries)
+        assert longer.count("],[") + 1 == len(json.loads(longer)), "a note holds no boundary"
+        assert json.loads(longer) == (json.loads(history) + entries)[-cb.HISTORY_LIMIT:]
+        assert cb.history_added(history, longer) == entries
+        history = longer
+    again = cb.history_extend(history, [[0, "note", "api", None]] * (cb.HISTORY_LIMIT + 1))
+    assert again == cb.COMPACT([[0, "note", "api", None]] * cb.HISTORY_LIMIT)
+    assert cb.history_added(history, again) is None, "the whole history is new: the journal writes it whole"
+
+
+def test_history_text_keeps_the_boundary_between_entries_out_of_the_notes():
+    entries = [[1, "note", "api", "a ] b"], [2, "note", "x],[y", "],["], [3, "created", None, None]]
+    text = cb.history_text(entries)
+    assert json.loads(text) == entries and text.count("],[") == len(entries) - 1
+    assert cb.history_text([[1, "created", None, None]]) == '[[1,"created",null,null]]', "plain notes as they are"
+    with pytest.raises(ValueError):
+        cb.history_text([[1, "note", "api", [["a"], ["b"]]]])
+
+
 def test_a_large_state_is_snapshotted_less_often_so_each_change_pays_the_same():
     state = cb.State()
     assert cb.snapshot_every(state) == cb.SNAPSHOT_EVERY_CHANGES

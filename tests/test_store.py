@@ -545,12 +545,13 @@ def test_a_snapshot_in_another_json_layout_loads_the_same_state(open_live, layou
     assert json.loads(longer)[:-1] == json.loads(moved.history), "a history read whole takes appends"
 
 
-def one_entity_a_line(doc):
-    """A snapshot document laid out as the bridge writes it: the head on the first line, one entity a line."""
+def one_entity_a_line(doc, separators=None):
+    """A snapshot document laid out as the bridge writes it: the head on the first line, one entity a line
+    (with json.dumps' white space, unless separators say otherwise)."""
     head = {k: v for k, v in doc.items() if k not in clawbridge.SECTIONS}
     parts = [json.dumps(head)[:-1]]
     for section in clawbridge.SECTIONS:
-        parts.append(f',\n"{section}":[' + ",\n".join("\n" * (i == 0) + json.dumps(item)
+        parts.append(f',\n"{section}":[' + ",\n".join("\n" * (i == 0) + json.dumps(item, separators=separators)
                                                       for i, item in enumerate(doc[section])) + "]")
     return "".join(parts) + "}\n"
 
@@ -1224,6 +1225,32 @@ def test_a_snapshot_history_longer_than_the_limit_keeps_the_latest_entries(open_
     snapshot.write_text(one_entity_a_line(doc))
     task = loaded_state(snapshot).tasks[doc["tasks"][0][doc["fields"]["tasks"].index("id")]]
     assert json.loads(task.history) == long_history[-clawbridge.HISTORY_LIMIT:]
+
+
+def test_a_snapshot_history_whose_notes_hold_the_entry_boundary_keeps_counting_right(open_live):
+    """History text taken from a snapshot row must have "],[" only between entries; a note holding it (as an
+    agent's verb note may) is written so that it does not, and appends past the limit keep exactly the
+    latest entries, in memory and after a restart on the journal."""
+    snapshot, doc, _ = a_snapshot(open_live)
+    fields = doc["fields"]["tasks"]
+    history = [[n, "note", "api", "x],[y" if n % 2 else "]"] for n in range(clawbridge.HISTORY_LIMIT)]
+    row = doc["tasks"][0]
+    row[fields.index("history")] = history
+    snapshot.write_text(one_entity_a_line(doc, separators=(",", ":")))
+    task = loaded_state(snapshot).tasks[row[fields.index("id")]]
+    assert json.loads(task.history) == history and task.history.count("],[") == len(history) - 1
+    live = open_live()
+    ok(live.call("POST", f"/api/agents/register", {"id": "noter"}))
+    given = ok(live.call("PUT", f"/api/tasks/{task.id}", {"assignedTo": "noter", "force": True}))
+    notes = [e["note"] for e in given["history"]]
+    assert notes[:-1] == [e[3] for e in history][len(history) + 1 - clawbridge.HISTORY_LIMIT:]
+    for n, verb in enumerate(("start", "block", "start")):
+        ok(live.call("POST", f"/api/tasks/{task.id}/{verb}", {"agentId": "noter", "epoch": given["epoch"],
+                                                             "note": f"],[{n}]"}))
+    after = ok(live.call("GET", f"/api/tasks/{task.id}"))["history"]
+    assert [e["note"] for e in after] == (notes + ["],[0]", "],[1]", "],[2]"])[-clawbridge.HISTORY_LIMIT:]
+    live.close()
+    assert ok(open_live().call("GET", f"/api/tasks/{task.id}"))["history"] == after
 
 
 def test_a_snapshot_history_with_white_space_is_read_to_compact_text(open_live):
