@@ -126,6 +126,7 @@ MAX_JSON_DEPTH = 64
 SOCKET_TIMEOUT = 30.0               # a client silent this long mid-request or idle on keep-alive is dropped
 REQUEST_QUEUE_SIZE = 1024           # listen backlog; the stdlib default of 5 stalls bursts of new connections
 SHUTDOWN_GRACE = 10.0               # seconds SIGTERM waits for in-flight requests
+SERVE_POLL = 0.1                    # seconds between the HTTP loop's looks for a stop: how soon SIGTERM stops it
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 RESERVED_IDS = {"agents": {"register"}, "instances": {"capacities"}}   # they would shadow a route
@@ -4498,8 +4499,8 @@ def serve(config, ready=None):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threads = [threading.Thread(target=server.serve_forever, name="http", daemon=True), Flusher(bridge, stop),
-               Watchdog(bridge, stop)]
+    threads = [threading.Thread(target=server.serve_forever, args=(SERVE_POLL,), name="http", daemon=True),
+               Flusher(bridge, stop), Watchdog(bridge, stop)]
     for thread in threads:
         thread.start()
     host, port = server.server_address[:2]
