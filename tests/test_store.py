@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 
 import clawbridge
-from conftest import BRIDGE, LiveBridge
+from conftest import BRIDGE, BridgeProcess, LiveBridge
 
 GAP = clawbridge.RESTORE_EPOCH_GAP
 SOFT_FIELDS = ("lastHeartbeat", "reportedStatus", "currentTask")   # heartbeat state, not fsynced per beat
@@ -674,18 +674,43 @@ def test_every_acknowledged_write_survives_kill_9_under_load(start_bridge):
 # ===== torn and damaged journal =====
 
 
-def killed_with_journal(start_bridge):
-    """A bridge with data only in its journal, killed. Returns (view before the kill, newest segment path)."""
-    bridge = start_bridge()
-    populate(bridge)
-    before = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
-    bridge.kill()
-    return before, newest_segment(data_dir(bridge.workdir))
+def made_once(tmp_path_factory, name, build):
+    """A data dir that build(bridge) fills on a real bridge, killed then, as several tests start from it: made
+    once per module (a bridge's start and population cost more than the test itself). Returns (the data
+    dir, what build returned)."""
+    workdir = tmp_path_factory.mktemp(name)
+    bridge = BridgeProcess(workdir)
+    try:
+        return data_dir(workdir), build(bridge)
+    finally:
+        bridge.kill()
+
+
+def copy_of(made, tmp_path):
+    """A copy of a made_once data dir where start_bridge() looks for its data."""
+    source, _ = made
+    shutil.copytree(source, data_dir(tmp_path))
+    return data_dir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def journal_only(tmp_path_factory):
+    """A bridge's data dir with data only in its journal: (data dir, view before the kill)."""
+    def build(bridge):
+        populate(bridge)
+        return api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
+    return made_once(tmp_path_factory, "journal-only", build)
+
+
+@pytest.fixture
+def killed_with_journal(journal_only, tmp_path):
+    """A copy of journal_only for this test: (view before the kill, newest segment path)."""
+    return journal_only[1], newest_segment(copy_of(journal_only, tmp_path))
 
 
 @pytest.mark.parametrize("tail", ["garbage", "half record", "record without newline"])
-def test_a_torn_last_line_is_cut_off_and_the_bridge_starts(start_bridge, tail):
-    before, segment = killed_with_journal(start_bridge)
+def test_a_torn_last_line_is_cut_off_and_the_bridge_starts(start_bridge, killed_with_journal, tail):
+    before, segment = killed_with_journal
     good = segment.read_bytes()
     last = good.splitlines()[-1]
     torn = {"garbage": b"\x00\xff{garbage",
@@ -701,8 +726,8 @@ def test_a_torn_last_line_is_cut_off_and_the_bridge_starts(start_bridge, tail):
 
 
 @pytest.mark.parametrize("where", ["first line", "line before the last"])
-def test_a_damaged_line_followed_by_records_refuses_to_start(start_bridge, tmp_path, where):
-    _, segment = killed_with_journal(start_bridge)
+def test_a_damaged_line_followed_by_records_refuses_to_start(killed_with_journal, tmp_path, where):
+    _, segment = killed_with_journal
     lines = segment.read_bytes().splitlines(keepends=True)
     index = 0 if where == "first line" else len(lines) - 2
     lines[index] = b"#" * (len(lines[index]) - 1) + b"\n"
@@ -716,22 +741,30 @@ def test_a_damaged_line_followed_by_records_refuses_to_start(start_bridge, tmp_p
 # ===== snapshots =====
 
 
-def two_snapshots_and_a_journal(start_bridge):
-    """A bridge with two snapshots (forced with /api/sync) and journal records after each, killed.
-    Returns (view before the kill, [older, newer] snapshot paths)."""
-    bridge = start_bridge()
-    populate(bridge)
-    seqs = [ok(bridge.call("POST", "/api/sync"))["snapshotSeq"]]
-    moved = new_task(bridge, title="between the snapshots", assignedTo="mac-1")
-    put_task(bridge, moved["id"], assignedTo="srv-1")
-    seqs.append(ok(bridge.call("POST", "/api/sync"))["snapshotSeq"])
-    act(bridge, put_task(bridge, moved["id"], assignedTo="mac-1"), "start")
-    notify(bridge, "mac-1", "after the last snapshot")
-    before = api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS)
-    bridge.kill()
-    directory = data_dir(bridge.workdir)
-    assert data_files(directory)[0] == seqs
-    return before, [directory / f"snapshot-{seq:012d}.json" for seq in seqs]
+@pytest.fixture(scope="module")
+def snapshots_made(tmp_path_factory):
+    """A bridge's data dir with two snapshots (forced with /api/sync) and journal records after each:
+    (data dir, (view before the kill, [older, newer] snapshot names))."""
+    def build(bridge):
+        populate(bridge)
+        seqs = [ok(bridge.call("POST", "/api/sync"))["snapshotSeq"]]
+        moved = new_task(bridge, title="between the snapshots", assignedTo="mac-1")
+        put_task(bridge, moved["id"], assignedTo="srv-1")
+        seqs.append(ok(bridge.call("POST", "/api/sync"))["snapshotSeq"])
+        act(bridge, put_task(bridge, moved["id"], assignedTo="mac-1"), "start")
+        notify(bridge, "mac-1", "after the last snapshot")
+        return api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS), [f"snapshot-{seq:012d}.json" for seq in seqs]
+    made = made_once(tmp_path_factory, "two-snapshots", build)
+    assert [f"snapshot-{seq:012d}.json" for seq in data_files(made[0])[0]] == made[1][1]
+    return made
+
+
+@pytest.fixture
+def two_snapshots_and_a_journal(snapshots_made, tmp_path):
+    """A copy of snapshots_made for this test: (view before the kill, [older, newer] snapshot paths)."""
+    directory = copy_of(snapshots_made, tmp_path)
+    before, names = snapshots_made[1]
+    return before, [directory / name for name in names]
 
 
 def corrupt(path, how):
@@ -748,8 +781,9 @@ def corrupt(path, how):
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity", "damaged task row",
                                  "damaged task history", "damaged field names"])
-def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how):
-    before, (older, newer) = two_snapshots_and_a_journal(start_bridge)
+def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how,
+                                                                            two_snapshots_and_a_journal):
+    before, (older, newer) = two_snapshots_and_a_journal
     corrupt(newer, how)
     bridge = start_bridge()
     assert api_view(bridge, CLOCK_FIELDS + SOFT_FIELDS) == before
@@ -763,8 +797,9 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(s
 
 
 @pytest.mark.parametrize("damage", ["both corrupt", "both missing"])
-def test_no_good_state_left_refuses_to_start_and_leaves_the_data_alone(start_bridge, tmp_path, damage):
-    _, snapshots = two_snapshots_and_a_journal(start_bridge)
+def test_no_good_state_left_refuses_to_start_and_leaves_the_data_alone(two_snapshots_and_a_journal, tmp_path,
+                                                                      damage):
+    _, snapshots = two_snapshots_and_a_journal
     directory = data_dir(tmp_path)
     segments = data_files(directory)[1]
     assert segments[0] > 1, "the journal no longer starts at record 1"
