@@ -136,6 +136,7 @@ MAX_ROLES = 32
 MAX_TAGS = 32
 HISTORY_LIMIT = 50                  # a task keeps its latest history entries
 HEARTBEAT_NOTIFICATIONS = 50        # unread notifications returned with a heartbeat
+REVOKED_NAMED = 20                  # task ids named by the one task-revoked notice of an agent gone offline
 DEFAULT_PAGE = 1000                 # GET /api/tasks without ?limit=
 MAX_PAGE = 10000
 
@@ -2180,13 +2181,13 @@ class Candidates:
                 return agent
         return choice
 
-    def place(self, state, now, task, kind="task-assigned", by="bridge"):
+    def place(self, state, now, task, kind="task-assigned", by="bridge", tell_previous=True):
         """Give task to the best agent and keep the order right. Returns the agent, or None."""
         agent = self.pick(task)
         if agent is None:
             return None
         old_key = self.key(agent)
-        assign(state, now, task, agent, kind=kind, by=by)
+        assign(state, now, task, agent, kind=kind, by=by, tell_previous=tell_previous)
         del self.entries[bisect.bisect_left(self.entries, old_key)]
         if eligible(state, agent):
             bisect.insort(self.entries, self.key(agent))
@@ -2196,15 +2197,16 @@ class Candidates:
         return bool(self.entries)
 
 
-def assign(state, now, task, agent, kind="task-assigned", by=None, lane="assigned"):
-    """Give task to agent: a new epoch, the new assignee told (kind), the old one told it lost the task."""
+def assign(state, now, task, agent, kind="task-assigned", by=None, lane="assigned", tell_previous=True):
+    """Give task to agent: a new epoch, the new assignee told (kind), and (with tell_previous) the old one told
+    it lost the task."""
     previous = task.assignedTo
     epoch = task.epoch + 1
     updated = task._replace(assignedTo=agent.id, lane=lane, epoch=epoch, version=task.version + 1,
                             updatedAt=now.ms, history=add_history(task, now, kind, by or agent.id, agent.id))
     state.put_task(updated)
     notify(state, now, agent.id, kind, f"Task {task.id} ({task.title[:80]}) is now yours, epoch {epoch}.", task.id)
-    if previous and previous != agent.id and previous in state.agents:
+    if tell_previous and previous and previous != agent.id and previous in state.agents:
         notify(state, now, previous, "task-revoked",
                f"Task {task.id} was moved to {agent.id}; stop working on it.", task.id)
     return updated
@@ -2252,8 +2254,9 @@ def queue_order(state):
 
 def take_offline(state, now, agent_ids):
     """Mark agents offline and move their unfinished work: each task goes to the best eligible agent
-    elsewhere with a new epoch (a task-reassigned notice to the new owner, task-revoked to the old), or
-    back to the queue when nobody fits. Returns {"reassigned": {task: agent}, "queued": [tasks]}."""
+    elsewhere with a new epoch (a task-reassigned notice to the new owner), or back to the queue when nobody
+    fits; each agent gets one task-revoked notice for all it lost (revoked_at_once). Returns
+    {"reassigned": {task: agent}, "queued": [tasks]}."""
     orphans = []
     for agent_id in agent_ids:
         agent = state.agents[agent_id]
@@ -2264,17 +2267,33 @@ def take_offline(state, now, agent_ids):
     orphans.sort(key=lambda t: (t.priority, t.createdAt, t.id))
     pool = Candidates(state, now)
     moved = {"reassigned": {}, "queued": []}
+    lost = {}       # agent id -> the ids of the tasks it lost, in the order they were handed on
     for task in orphans:
-        agent = pool.place(state, now, task, kind="task-reassigned", by="failover")
+        lost.setdefault(task.assignedTo, []).append(task.id)
+        agent = pool.place(state, now, task, kind="task-reassigned", by="failover", tell_previous=False)
         if agent is not None:
             moved["reassigned"][task.id] = agent.id
             state.counters["reassignments"] += 1
         else:
             state.counters["requeued"] += 1
-            revoke_notice(state, now, task, "was put back in the queue because its agent went offline")
             requeue(state, now, task, "requeued", "failover")
             moved["queued"].append(task.id)
+    for agent_id, task_ids in lost.items():
+        revoked_at_once(state, now, agent_id, task_ids)
     return moved
+
+
+def revoked_at_once(state, now, agent_id, task_ids):
+    """The one task-revoked notice of an agent gone offline, for all the tasks it lost (to other agents or
+    back to the queue), where one a task would crowd everything else out of its heartbeats: it names the
+    first REVOKED_NAMED of them, and is about the task (taskId) when there is only one. The heartbeat's
+    stop list has every one of them."""
+    named = ", ".join(task_ids[:REVOKED_NAMED])
+    if len(task_ids) > REVOKED_NAMED:
+        named += f" and {len(task_ids) - REVOKED_NAMED} more"
+    what = f"{len(task_ids)} task{'s' if len(task_ids) > 1 else ''}"
+    notify(state, now, agent_id, "task-revoked", f"{agent_id} went offline; {what} it held went to other agents "
+           f"or back to the queue: {named}. Stop working on them.", task_ids[0] if len(task_ids) == 1 else None)
 
 
 def rebaseline(state, now):

@@ -465,8 +465,37 @@ def test_failover_moves_unfinished_work_with_new_epochs(fleet):
     assert all(t.epoch == 2 for t in moved), "one new epoch per move"
     assert fleet.state.tasks[first["id"]].assignedTo == first["assignedTo"], "done work stays where it was"
     kinds = [(n.agentId, n.type) for n in fleet.state.notifications.values() if n.taskId == task_ids[1]]
-    assert ("m1", "task-revoked") in kinds or ("m2", "task-revoked") in kinds
     assert any(k == "task-reassigned" and a.startswith("s") for a, k in kinds)
+    revoked = [n for n in fleet.state.notifications.values() if n.type == "task-revoked"]
+    owners = sorted(t["assignedTo"] for t in fleet.tasks[1:])
+    assert sorted(n.agentId for n in revoked) == sorted(set(owners)), "one notice for each agent that lost work"
+    for note in revoked:
+        lost = [t["id"] for t in fleet.tasks[1:] if t["assignedTo"] == note.agentId]
+        assert all(task_id in note.message for task_id in lost)
+        assert note.taskId == (lost[0] if len(lost) == 1 else None)
+
+
+def test_an_agent_gone_offline_gets_one_notice_for_all_the_work_it_lost(world):
+    """However many tasks go from an agent at once, it gets one task-revoked notice, naming the first
+    REVOKED_NAMED of them: one a task would push everything else out of its heartbeats."""
+    world.state.offline_after = 60
+    world.state.last_sweep = world.clock.mono
+    world.agent("busy", instance="mac", max_tasks=cb.REVOKED_NAMED + 5)
+    held = [world.task(title=f"t{n}")["id"] for n in range(cb.REVOKED_NAMED + 5)]
+    world.agent("ready", instance="srv", max_tasks=cb.REVOKED_NAMED)
+    world.do(cb.register_agent, {"id": "news", "instanceId": "srv"})
+    world.do(cb.notify, "busy", "message", "the notice that came before")
+    run_for(world, 62, beating=["ready", "news"])
+    report = {t: world.state.tasks[t] for t in held}
+    room = cb.REVOKED_NAMED + cb.DEFAULT_MAX_TASKS      # ready's and news's
+    assert sum(t.lane == "queued" for t in report.values()) == len(held) - room, "the rest waits in the queue"
+    [note] = [n for n in world.state.notifications.values() if n.type == "task-revoked"]
+    assert note.agentId == "busy" and note.taskId is None
+    assert all(t in note.message for t in held[:cb.REVOKED_NAMED]) and "and 5 more" in note.message
+    reply = world.do(cb.record_heartbeat, "busy", {"tasks": [{"id": t, "epoch": 1} for t in held]})
+    assert sorted(reply["stop"]) == sorted(held), "the heartbeat names every one"
+    kinds = [n["type"] for n in reply["notifications"]]
+    assert kinds[0] == "task-revoked" and kinds.count("task-revoked") == 1 and "message" in kinds
 
 
 def test_a_returning_agent_is_told_to_stop_and_held_back(fleet):
