@@ -2284,10 +2284,10 @@ def take_offline(state, now, agent_ids):
 
 
 def revoked_at_once(state, now, agent_id, task_ids):
-    """The one task-revoked notice of an agent gone offline, for all the tasks it lost (to other agents or
-    back to the queue), where one a task would crowd everything else out of its heartbeats: it names the
-    first REVOKED_NAMED of them, and is about the task (taskId) when there is only one. The heartbeat's
-    stop list has every one of them."""
+    """The task-revoked notice of an agent gone offline: one for all the tasks it lost (to other agents or
+    back to the queue), as one a task would crowd everything else out of its heartbeats. It names the first
+    REVOKED_NAMED of them and carries the task's id (taskId) when there is only one; the heartbeat's stop
+    list has every one."""
     named = ", ".join(task_ids[:REVOKED_NAMED])
     if len(task_ids) > REVOKED_NAMED:
         named += f" and {len(task_ids) - REVOKED_NAMED} more"

@@ -675,9 +675,9 @@ def test_every_acknowledged_write_survives_kill_9_under_load(start_bridge):
 
 
 def made_once(tmp_path_factory, name, build):
-    """A data dir that build(bridge) fills on a real bridge, killed then, as several tests start from it: made
-    once per module (a bridge's start and population cost more than the test itself). Returns (the data
-    dir, what build returned)."""
+    """A data dir filled by build(bridge) on a real bridge, which is then killed: made once per module for
+    the tests that each start from a copy of it (a bridge's start and filling cost more than such a test).
+    Returns (the data dir, what build returned)."""
     workdir = tmp_path_factory.mktemp(name)
     bridge = BridgeProcess(workdir)
     try:
