@@ -914,7 +914,7 @@ class Journal:
             if self.failed:
                 raise self.failed
             seq = self.written + 1
-            data = (json.dumps({"seq": seq, **record}, separators=(",", ":")) + "\n").encode("utf-8")
+            data = (COMPACT({"seq": seq, **record}) + "\n").encode("utf-8")
             try:
                 view = memoryview(data)
                 while view:
