@@ -2709,8 +2709,14 @@ class Bridge:
     def open(cls, config, clock=None, fsync=os.fsync):
         """Lock and load the data dir, then write a snapshot when the state came from a backup copy."""
         store = Store(config.data_dir, fsync)
-        state, head = store.open(State)
-        gc.freeze()     # the loaded entities live on and hold no cycles: no collection need walk them again
+        collecting = gc.isenabled()
+        gc.disable()    # on again only once they are frozen: the first collection would walk all that was loaded
+        try:
+            state, head = store.open(State)
+            gc.freeze()     # the loaded entities live on and hold no cycles: no collection need walk them again
+        finally:
+            if collecting:
+                gc.enable()
         release_free_heap()
         bridge = cls(store, state, config, clock)
         if head.get("origin") == "backup":
