@@ -2255,7 +2255,7 @@ def queue_order(state):
 def take_offline(state, now, agent_ids):
     """Mark agents offline and move their unfinished work: each task goes to the best eligible agent
     elsewhere with a new epoch (a task-reassigned notice to the new owner), or back to the queue when nobody
-    fits; each agent gets one task-revoked notice for all it lost (revoked_at_once). Returns
+    fits; each agent gets one task-revoked notice for all it lost (notify_revoked). Returns
     {"reassigned": {task: agent}, "queued": [tasks]}."""
     orphans = []
     for agent_id in agent_ids:
@@ -2279,11 +2279,11 @@ def take_offline(state, now, agent_ids):
             requeue(state, now, task, "requeued", "failover")
             moved["queued"].append(task.id)
     for agent_id, task_ids in lost.items():
-        revoked_at_once(state, now, agent_id, task_ids)
+        notify_revoked(state, now, agent_id, task_ids)
     return moved
 
 
-def revoked_at_once(state, now, agent_id, task_ids):
+def notify_revoked(state, now, agent_id, task_ids):
     """The task-revoked notice of an agent gone offline: one for all the tasks it lost (to other agents or
     back to the queue), as one a task would crowd everything else out of its heartbeats. It names the first
     REVOKED_NAMED of them and carries the task's id (taskId) when there is only one; the heartbeat's stop
