@@ -1851,7 +1851,7 @@ def history_added(old, new):
     if old == "[]":
         return json.loads(new)
     count, cut = old.count("],[") + 1, 1
-    for dropped in range(min(count, 9)):
+    for dropped in range(min(count, 9)):     # a change adds a few entries, so drops at most as many (8)
         if dropped:
             cut = old.index("],[", cut) + 2
         end = len(old) - cut        # in new, where the entries kept from old end
