@@ -2772,15 +2772,24 @@ class Bridge:
         """After a failed fsync: cut the records that may not be on disk and take back their changes, newest
         first, so memory and disk agree and none of them can reappear at the next start."""
         with self.lock:
-            synced = self.store.journal.discard_unsynced()
-            while self.pending and self.pending[-1][0] > synced:
-                self.state.rollback(self.pending.pop()[1])
+            self.take_back_unsynced()
+
+    def take_back_unsynced(self):
+        """discard_unsynced, for a caller that holds the lock."""
+        synced = self.store.journal.discard_unsynced()
+        while self.pending and self.pending[-1][0] > synced:
+            self.state.rollback(self.pending.pop()[1])
 
     def snapshot(self):
         """Write the whole state as a new snapshot, off the request path: only the copy of the maps and the
-        journal rotation hold the lock. Also how storage recovers after a failure."""
+        journal rotation hold the lock. Also how storage recovers after a failure: the changes that the failed
+        journal may not hold are taken back first, as their writers (answered 503) would do once they get the
+        lock. Taken back after it, they would be in the snapshot all the same, and the journal would number
+        the next records as if they had never been: a restart would skip those."""
         with self.lock:
             failure = self.store.journal.failed
+            if failure is not None:
+                self.take_back_unsynced()
             seq = self.store.journal.rotate()
             doc = self.state.freeze(seq)
             self.state.soft_dirty = False
