@@ -879,21 +879,24 @@ class DirLock:
 
 
 class Journal:
-    """Append-only journal with group commit: appends happen in order under the caller's state lock, and
-    each writer then waits until an fsync covers its record; concurrent writers share one fsync. A failed
-    write or fsync marks it failed; what was not on disk is cut off again (discard_unsynced), and only a
-    full snapshot (rotate + Bridge.snapshot) makes it writable again."""
+    """Append-only journal with group commit: records are appended in order under the caller's state lock,
+    and kept in memory; each writer then waits until a round covers its record, in which one writer writes
+    every record appended before the round began and fsyncs them, for all. Nothing is written to the file
+    under the state lock: a write lets go of the interpreter lock, and the other writers would only queue up
+    on the state lock meanwhile. A failed write or fsync marks it failed; what was not on disk is cut off
+    again (discard_unsynced), and only a full snapshot (rotate + Bridge.snapshot) makes it writable again."""
 
     def __init__(self, data_dir, next_seq, segment_name=None, fsync=os.fsync):
         self.data_dir = data_dir
         self.fsync = fsync
         self.lock = threading.Lock()
-        self.this_round = threading.Condition(self.lock)    # writers the fsync in progress covers
+        self.this_round = threading.Condition(self.lock)    # writers the round in progress covers
         self.next_round = threading.Condition(self.lock)    # writers that came after it began
-        self.sync_target = next_seq - 1     # the last record the fsync in progress covers
-        self.written = next_seq - 1     # last record handed to the OS
+        self.sync_target = next_seq - 1     # the last record the round in progress covers
+        self.appended = next_seq - 1    # last record appended (the next round writes it to the file)
         self.synced = next_seq - 1      # last record known to be on disk
-        self.size = 0                   # bytes of whole records in the current segment
+        self.unwritten = []             # the records appended since the last round began, encoded
+        self.size = 0                   # bytes of whole records in the current segment, the unwritten included
         self.synced_size = 0            # of which known to be on disk
         self.syncing = False
         self.failed = None              # the OSError that broke the journal, until a snapshot repairs it
@@ -909,24 +912,30 @@ class Journal:
         fsync_dir(self.data_dir)
 
     def append(self, record):
-        """Give one record its seq and write it to the OS; the caller must then wait(seq)."""
+        """Give one record its seq, for the next round to write; the caller must then wait(seq)."""
         with self.lock:
             if self.failed:
                 raise self.failed
-            seq = self.written + 1
+            seq = self.appended + 1
             data = (COMPACT({"seq": seq, **record}) + "\n").encode("utf-8")
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view):]
-            except OSError as exc:
-                self.failed = exc
-                self.cut_to(self.size)      # no half record may stay in front of later ones
-                self.wake_all()
-                raise
-            self.written = seq
+            self.unwritten.append(data)
+            self.appended = seq
             self.size += len(data)
             return seq
+
+    def take_unwritten(self):
+        """The records not yet written, as one block of bytes (under the lock)."""
+        data, self.unwritten = b"".join(self.unwritten), []
+        return data
+
+    def write_sync(self, fd, data):
+        """Write a block of records at the end of the segment and fsync it (outside the lock, but for rotate
+        and close). A short write goes on from where it stopped; a failure leaves what the file holds past
+        synced_size for discard_unsynced to cut off."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        self.fsync(fd)
 
     def cut_to(self, size):
         try:
@@ -936,10 +945,10 @@ class Journal:
 
     def wait(self, seq):
         """Return once record seq is on disk; raise the OSError if the disk refused it. One writer at a time
-        runs the fsync, for every record written before it began. The others sleep until the fsync that
-        covers their record ends, and only they are woken then, with one of the later writers to run the next
-        fsync: woken all at once, most of 64 waiting writers would only wait again, each wake a hand-off of
-        the interpreter lock."""
+        runs a round: it writes every record appended before the round began, and fsyncs them. The others
+        sleep until the round that covers their record ends, and only they are woken then, with one of the
+        later writers to run the next round: woken all at once, most of 64 waiting writers would only wait
+        again, each wake a hand-off of the interpreter lock."""
         if self.synced >= seq:      # the usual case for a read or a plain heartbeat: no lock needed to know
             return
         with self.lock:
@@ -950,13 +959,13 @@ class Journal:
                     (self.this_round if seq <= self.sync_target else self.next_round).wait()
                     continue
                 self.syncing = True
-                target, size, fd = self.written, self.size, self.fd
+                target, size, fd, data = self.appended, self.size, self.fd, self.take_unwritten()
                 self.sync_target = target
                 self.lock.release()
                 started = time.monotonic()
                 done, error = False, None
                 try:
-                    self.fsync(fd)
+                    self.write_sync(fd, data)
                     done = True
                 except OSError as exc:
                     error = exc
@@ -972,8 +981,8 @@ class Journal:
                     raise error
 
     def end_round(self, error):
-        """After an fsync (under the lock): wake the writers it covered; the writers that came during it are
-        the next round's, and one of them runs its fsync. After a failure every writer is woken, to raise."""
+        """After a round (under the lock): wake the writers it covered; the writers that came during it are
+        the next round's, and one of them runs it. After a failure every writer is woken, to raise."""
         if error:
             self.failed = error
             self.wake_all()
@@ -983,8 +992,8 @@ class Journal:
         self.this_round.notify()
 
     def wake_all(self):
-        """Wake every waiting writer to look again (under the lock). Whatever fails the journal or fsyncs it
-        outside a round calls it: the writer picked to run the next fsync may then have none to run, and
+        """Wake every waiting writer to look again (under the lock). Whatever fails the journal or syncs it
+        outside a round calls it: the writer picked to run the next round may then have none to run, and
         the others would sleep on."""
         self.this_round.notify_all()
         self.next_round.notify_all()
@@ -995,33 +1004,34 @@ class Journal:
         with self.lock:
             while self.syncing:
                 self.this_round.wait()
-            if self.written > self.synced:
+            if self.appended > self.synced:
+                self.unwritten = []
                 self.cut_to(self.synced_size)
-                self.written, self.size = self.synced, self.synced_size
+                self.appended, self.size = self.synced, self.synced_size
             return self.synced
 
     def rotate(self):
-        """Start a new segment after the last written record. Called under the state lock, so no record
-        can be appended meanwhile; returns the seq the new segment follows."""
+        """Start a new segment after the last record appended, written and fsynced first. Called under the
+        state lock, so no record can be appended meanwhile; returns the seq the new segment follows."""
         with self.lock:
             while self.syncing:
                 self.this_round.wait()
-            if not self.failed and self.synced < self.written:
+            if not self.failed and self.synced < self.appended:
                 try:
-                    self.fsync(self.fd)
-                    self.synced, self.synced_size = self.written, self.size
+                    self.write_sync(self.fd, self.take_unwritten())
+                    self.synced, self.synced_size = self.appended, self.size
                 except OSError as exc:
                     self.failed = exc
                     raise
                 finally:
                     self.wake_all()     # they see what it did once the lock is free
-            name = f"journal-{self.written + 1:012d}.jsonl"
+            name = f"journal-{self.appended + 1:012d}.jsonl"
             if name == self.segment:
                 self.cut_to(self.size)      # nothing was added since it began; drop what a failure left
             else:
                 os.close(self.fd)
                 self.open_segment(name)
-            return self.written
+            return self.appended
 
     def recovered(self, failure):
         with self.lock:
@@ -1030,10 +1040,12 @@ class Journal:
 
     def close(self):
         with self.lock:
+            while self.syncing:
+                self.this_round.wait()
             if self.fd is not None:
-                if not self.failed and self.synced < self.written:
-                    self.fsync(self.fd)
-                    self.synced = self.written
+                if not self.failed and self.synced < self.appended:
+                    self.write_sync(self.fd, self.take_unwritten())
+                    self.synced = self.appended
                     self.wake_all()
                 os.close(self.fd)
                 self.fd = None
@@ -1100,7 +1112,7 @@ class Store:
         return sum(os.path.getsize(os.path.join(self.data_dir, name)) for _, name in list_data_files(self.data_dir)[1])
 
     def changes_since_snapshot(self):
-        return self.journal.written - self.snapshot_seq
+        return self.journal.appended - self.snapshot_seq
 
     def write_snapshot(self, doc):
         """Write doc (whose seq the journal has already rotated past) as the newest snapshot, then drop the
@@ -2738,7 +2750,7 @@ class Bridge:
             batch = self.state.take_changes()
             if batch.ops or batch.meta:
                 self.persist(batch)
-            seq = self.store.journal.written
+            seq = self.store.journal.appended
             while self.pending and self.pending[0][0] <= self.store.journal.synced:
                 self.pending.popleft()
         for level, message, alert in batch.events:
@@ -2825,7 +2837,7 @@ class Bridge:
                     queued=sum(len(q) for q in state.queued.values()),
                     disruption=state.disruption,
                     watchdogAgeMs=int((self.clock.now().mono - (state.last_sweep or self.started.mono)) * 1000),
-                    storage={"writable": healthy, "journalSeq": self.store.journal.written,
+                    storage={"writable": healthy, "journalSeq": self.store.journal.appended,
                              "snapshotSeq": self.store.snapshot_seq},
                 )
         return (200 if healthy else 503), body
@@ -3162,10 +3174,10 @@ def render_metrics(bridge):
     metric(lines, "clawbridge_journal_bytes", "gauge", "Bytes of journal kept on disk.",
            [("", {}, bridge.store.journal_bytes())])
     metric(lines, "clawbridge_journal_seq", "gauge", "Sequence number of the last journal record.",
-           [("", {}, journal.written)])
+           [("", {}, journal.appended)])
     metric(lines, "clawbridge_journal_fsyncs_total", "counter", "fsync calls on the journal.",
            [("", {}, journal.fsync_count)])
-    metric(lines, "clawbridge_journal_fsync_seconds_total", "counter", "Time spent in journal fsyncs.",
+    metric(lines, "clawbridge_journal_fsync_seconds_total", "counter", "Time spent in journal fsyncs (with the write of the records each one covers).",
            [("", {}, round(journal.fsync_seconds, 6))])
     metric(lines, "clawbridge_webhooks_total", "counter", "Alerts to BRIDGE_WEBHOOK_URL by outcome.",
            [("", {"result": k}, bridge.alerts.counts.get(k, 0)) for k in ("sent", "failed", "dropped")])

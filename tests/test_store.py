@@ -446,7 +446,7 @@ def test_load_data_rebuilds_the_live_state_from_journal_and_snapshots(open_live,
 
     def stored():
         documents, info = clawbridge.load_data(directory)
-        assert info["seq"] == live.bridge.store.journal.written
+        assert info["seq"] == live.bridge.store.journal.appended
         assert documents.meta == live.bridge.state.meta
         return sections(documents.freeze(info["seq"]))
 
@@ -1048,10 +1048,10 @@ def test_a_failed_fsync_wakes_every_waiting_writer_to_raise(tmp_path):
     assert isinstance(journal.failed, OSError) and journal.synced == 0
 
 
-def test_a_failed_append_wakes_the_writers_waiting_for_the_next_fsync(tmp_path):
-    """Two writers wait for the fsync after the one in progress when a third writer's append fails: once
-    that fsync ends, the writer picked to run the next one finds the journal failed, and the other must not
-    sleep on, waiting for an fsync that nobody will run."""
+def test_a_failed_write_wakes_every_writer_of_its_round_to_raise(tmp_path):
+    """Two writers wait for the round after the one in progress. When that round's write fails, the writer
+    that ran it raises, and the other must be woken to raise too, not sleep on, waiting for a round that
+    nobody will run; nothing of theirs is left in the file."""
     started, release = threading.Event(), threading.Event()
 
     def first_fsync_waits(fd):
@@ -1066,7 +1066,7 @@ def test_a_failed_append_wakes_the_writers_waiting_for_the_next_fsync(tmp_path):
     outcome = {}
 
     def writer(name):
-        seq = journal.append({"ops": []})
+        seq = journal.append({"ops": [name]})
         try:
             journal.wait(seq)
             outcome[name] = seq
@@ -1082,19 +1082,47 @@ def test_a_failed_append_wakes_the_writers_waiting_for_the_next_fsync(tmp_path):
     deadline = time.monotonic() + 10
     while CountingCondition.sleeps < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert CountingCondition.sleeps == 2, "both later writers wait behind the fsync in progress"
+    assert CountingCondition.sleeps == 2, "both later writers wait behind the round in progress"
+    path = os.path.join(str(tmp_path), journal.segment)
+    with open(path, "rb") as f:
+        assert [json.loads(line)["ops"] for line in f] == [["first"]], "only the first round's record is written"
     writable = journal.fd
-    journal.fd = os.open(os.path.join(str(tmp_path), journal.segment), os.O_RDONLY)    # the next write fails
-    with pytest.raises(OSError):
-        journal.append({"ops": []})
-    os.close(journal.fd)
-    journal.fd = writable
+    journal.fd = os.open(path, os.O_RDONLY)     # the next round's write fails
     release.set()
     for thread in [first, *later]:
         thread.join(5)
     assert not any(thread.is_alive() for thread in [first, *later]), f"a writer sleeps on: {outcome}"
     assert outcome["first"] == 1
     assert isinstance(outcome["second"], OSError) and isinstance(outcome["third"], OSError)
+    assert isinstance(journal.failed, OSError) and journal.synced == 1
+    os.close(journal.fd)
+    journal.fd = writable
+    assert journal.discard_unsynced() == 1 and journal.appended == 1 and not journal.unwritten
+    with open(path, "rb") as f:
+        assert [json.loads(line)["ops"] for line in f] == [["first"]]
+
+
+def test_records_wait_in_memory_for_a_round_and_a_rotation_or_close_writes_them_first(tmp_path):
+    """A record reaches the file only in a round (wait), never at append, which runs under the state lock;
+    rotate and close, which no round may follow, write and fsync what is still in memory."""
+    journal = clawbridge.Journal(str(tmp_path), 1)
+
+    def in_file(name):
+        with open(tmp_path / name, "rb") as f:
+            return [json.loads(line)["seq"] for line in f]
+
+    first = journal.segment
+    assert [journal.append({"ops": []}) for _ in range(3)] == [1, 2, 3]
+    assert in_file(first) == [] and journal.synced == 0
+    journal.wait(2)
+    assert in_file(first) == [1, 2, 3] and journal.synced == 3, "a round writes all that was appended before it"
+    journal.append({"ops": []})
+    assert journal.rotate() == 4 and in_file(first) == [1, 2, 3, 4] and journal.synced == 4
+    second = journal.segment
+    assert second != first
+    journal.append({"ops": []})
+    journal.close()
+    assert in_file(second) == [5]
 
 
 def test_a_failing_fsync_refuses_writes_until_a_snapshot_succeeds(open_live):
