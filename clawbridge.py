@@ -937,6 +937,21 @@ class Journal:
             view = view[os.write(fd, view):]
         self.fsync(fd)
 
+    def sync_unwritten(self):
+        """Write and fsync the records no round has taken, under the lock and with no round in progress: for
+        rotate and close, which need the segment whole. Once the journal failed, they are for
+        discard_unsynced to drop."""
+        if self.failed or self.synced >= self.appended:
+            return
+        try:
+            self.write_sync(self.fd, self.take_unwritten())
+            self.synced, self.synced_size = self.appended, self.size
+        except OSError as exc:
+            self.failed = exc
+            raise
+        finally:
+            self.wake_all()     # they see what it did once the lock is free
+
     def cut_to(self, size):
         try:
             os.ftruncate(self.fd, size)
@@ -1016,15 +1031,7 @@ class Journal:
         with self.lock:
             while self.syncing:
                 self.this_round.wait()
-            if not self.failed and self.synced < self.appended:
-                try:
-                    self.write_sync(self.fd, self.take_unwritten())
-                    self.synced, self.synced_size = self.appended, self.size
-                except OSError as exc:
-                    self.failed = exc
-                    raise
-                finally:
-                    self.wake_all()     # they see what it did once the lock is free
+            self.sync_unwritten()
             name = f"journal-{self.appended + 1:012d}.jsonl"
             if name == self.segment:
                 self.cut_to(self.size)      # nothing was added since it began; drop what a failure left
@@ -1043,12 +1050,11 @@ class Journal:
             while self.syncing:
                 self.this_round.wait()
             if self.fd is not None:
-                if not self.failed and self.synced < self.appended:
-                    self.write_sync(self.fd, self.take_unwritten())
-                    self.synced = self.appended
-                    self.wake_all()
-                os.close(self.fd)
-                self.fd = None
+                try:
+                    self.sync_unwritten()
+                finally:
+                    os.close(self.fd)
+                    self.fd = None
 
 
 class Store:
@@ -3177,7 +3183,8 @@ def render_metrics(bridge):
            [("", {}, journal.appended)])
     metric(lines, "clawbridge_journal_fsyncs_total", "counter", "fsync calls on the journal.",
            [("", {}, journal.fsync_count)])
-    metric(lines, "clawbridge_journal_fsync_seconds_total", "counter", "Time spent in journal fsyncs (with the write of the records each one covers).",
+    metric(lines, "clawbridge_journal_fsync_seconds_total", "counter",
+           "Time spent in journal fsyncs (with the write of the records each one covers).",
            [("", {}, round(journal.fsync_seconds, 6))])
     metric(lines, "clawbridge_webhooks_total", "counter", "Alerts to BRIDGE_WEBHOOK_URL by outcome.",
            [("", {"result": k}, bridge.alerts.counts.get(k, 0)) for k in ("sent", "failed", "dropped")])
