@@ -498,8 +498,28 @@ def atomic_write(path, chunks, fsync=os.fsync):
         raise
 
 
+def compact_encoder(ensure_ascii=True):
+    """A function that encodes a value as compact JSON text, like json.JSONEncoder(separators=(",", ":"),
+    check_circular=False).encode, for values that never contain themselves. That method makes a new C encoder
+    on every call, which is most of the cost of encoding a small value; this one is made once. Where the C
+    encoder is missing or encodes a sample differently, it is that method."""
+    plain = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii, check_circular=False)
+    try:
+        strings = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+        chunks = json.encoder.c_make_encoder(None, plain.default, strings, None, ":", ",", False, False, True)
+
+        def encode(value):
+            return "".join(chunks(value, 0))
+        sample = {"a": [1, -2.5, 1e300, None, True, False, "\u00e9\u2028\"\\"], "b": {"c": []}, "d": ""}
+        if encode(sample) == plain.encode(sample) and encode("x") == '"x"':
+            return encode
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return plain.encode
+
+
 # JSON as every data file holds it; stored data is decoded JSON or entity tuples, never circular
-COMPACT = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+COMPACT = compact_encoder()
 
 
 def entity_row(item, cls):
@@ -576,9 +596,17 @@ class Documents:
     def load(self, section, item, history_text=None):
         """One stored entity (a snapshot line or a journal put): an object, or a row in this version's field
         order (history_text, the text of a task's history as stored, is not needed here)."""
-        if type(item) is list:
-            item = dict(zip(ENTITY_TYPES[section]._fields, item))
-        self.index[section][item[SECTION_KEYS[section]]] = item
+        self.loader(section)(item, history_text)
+
+    def loader(self, section):
+        """load for one section, its look-ups done once: for the many entities of a snapshot's section."""
+        fields, key, items = ENTITY_TYPES[section]._fields, SECTION_KEYS[section], self.index[section]
+
+        def load(item, history_text=None):
+            if type(item) is list:
+                item = dict(zip(fields, item))
+            items[item[key]] = item
+        return load
 
     def update(self, section, changes):
         """The fields of a stored entity that a journal "set" changed; KeyError when it is not there."""
@@ -646,51 +674,54 @@ def stream_snapshot(path, f, target):
         head = json.loads(first[:-2] + "}")
         fields = check_snapshot_head(path, head)
         target.meta.update(head.get("meta", {}))
-        section, seen, done = None, set(), False
-        for line in f:
-            if done:
+        seen, done = set(), False
+        for line in f:      # a section's line: `"name":[`, or `"name":[]` and `,` or `}`
+            match = SECTION_LINE.fullmatch(line)
+            if done or not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
                 raise SnapshotLayout()
-            if section is None:     # between sections: `"name":[`, or `"name":[]` and `,` or `}`
-                match = SECTION_LINE.fullmatch(line)
-                if not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
-                    raise SnapshotLayout()
-                seen.add(match.group(1))
-                section = None if match.group(2) else match.group(1)
-                done = match.group(3) == "}"
-                # rows of this version's fields go to the target as they are; rows that start with a task's
-                # history have it decoded on its own, and its text sliced from the line, not encoded again
-                names, cls = fields.get(section), ENTITY_TYPES.get(section)
-                direct = cls is not None and names == cls._fields
-                split = cls is not None and not direct and names == ROW_FIELDS[cls]
-                width = len(names or ())
-                continue
-            if split and line.startswith("[["):
-                entries, cut = RAW_DECODE(line, 1)
-                if line[cut] != ",":
-                    raise SnapshotLayout()
-                text, line = line[1:cut], "[" + line[cut + 1:]
-            else:
-                entries = text = None
-            item, end = RAW_DECODE(line)
-            after = ENTITY_ENDS.get(line[end:], False)
-            if after is False:
-                raise SnapshotLayout()
-            if text is not None and len(item) == width - 1:
-                item.append(entries)        # now in field order
-                target.load(section, item, text)
-            elif text is not None:      # too many or too few values: load_entity says so
-                load_entity(target, path, section, [entries, *item], fields)
-            elif direct and type(item) is list and len(item) == width:
-                target.load(section, item)
-            elif cls is not None:       # a section this version does not know is skipped
-                load_entity(target, path, section, item, fields)
-            if after:
-                section, done = None, after == "}"
+            seen.add(match.group(1))
+            done = match.group(3) == "}" if match.group(2) else stream_section(path, f, target, match.group(1), fields)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SnapshotLayout() from None
     if not done:
         raise SnapshotLayout()
     return {k: v for k, v in head.items() if k not in SECTIONS}
+
+
+def stream_section(path, f, target, section, fields):
+    """Load the entities of one snapshot section, one a line, up to the line that ends the section. Returns
+    whether the snapshot ends there too."""
+    # rows of this version's fields go to the target as they are; rows that start with a task's history have
+    # it decoded on its own, and its text sliced from the line, not encoded again
+    names, cls = fields.get(section), ENTITY_TYPES.get(section)
+    direct = cls is not None and names == cls._fields
+    split = cls is not None and not direct and names == ROW_FIELDS[cls]
+    width = len(names or ())
+    load = target.loader(section) if cls is not None else None
+    for line in f:
+        if split and line.startswith("[["):
+            entries, cut = RAW_DECODE(line, 1)
+            if line[cut] != ",":
+                raise SnapshotLayout()
+            text, line = line[1:cut], "[" + line[cut + 1:]
+        else:
+            entries = text = None
+        item, end = RAW_DECODE(line)
+        after = ENTITY_ENDS.get(line[end:], False)
+        if after is False:
+            raise SnapshotLayout()
+        if text is not None and len(item) == width - 1:
+            item.append(entries)        # now in field order
+            load(item, text)
+        elif text is not None:      # too many or too few values: load_entity says so
+            load_entity(target, path, section, [entries, *item], fields)
+        elif direct and type(item) is list and len(item) == width:
+            load(item)
+        elif cls is not None:       # a section this version does not know is skipped
+            load_entity(target, path, section, item, fields)
+        if after:
+            return after == "}"
+    raise SnapshotLayout()      # the file ends inside the section
 
 
 def read_snapshot(path, new_target):
@@ -766,12 +797,11 @@ def read_segment(path, expect_seq, apply):
 
 def apply_record(target, record):
     """Apply one journal record to a load target."""
-    for op in record.get("ops", ()):
-        kind, section, value = op
-        if kind == "put":
-            target.load(section, value)
-        elif kind == "set":
+    for kind, section, value in record.get("ops", ()):
+        if kind == "set":
             target.update(section, value)
+        elif kind == "put":
+            target.load(section, value)
         elif kind == "del":
             target.unload(section, value)
         else:
@@ -836,7 +866,7 @@ def replay(data_dir, target, seq, segments, repair):
         path = os.path.join(data_dir, name)
         if first > seq + 1:
             raise StorageError(f"{path} starts at record {first} but record {seq + 1} is missing")
-        seq, torn_at = read_segment(path, seq + 1, lambda record: apply_record(target, record))
+        seq, torn_at = read_segment(path, seq + 1, functools.partial(apply_record, target))
         seq -= 1
         if torn_at is not None:
             problems.append(f"{path} ends with a torn record at byte {torn_at} (an interrupted write, never "
@@ -1285,24 +1315,33 @@ def shared(value):
 def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
     """Build an entity from its stored JSON: an object, tolerating fields added or dropped between versions,
     or a row of values in this version's field order; with base, an entity that item holds only the changed
-    fields of. Repeated strings are shared, and with tuples (a dict kept while loading) repeated role and tag
-    lists too. history_text, when given, is the stored text of item's history list, kept instead of
-    encoding the list again."""
+    fields of. Repeated strings and role and tag lists are shared: with tuples (a dict kept while loading)
+    one copy of each, without it strings interned. history_text, when given, is the stored text of item's
+    history list, kept instead of encoding the list again."""
+    strings, lists, history = ENTITY_LAYOUT[cls]
     if base is not None:
         values, index = list(base), FIELD_INDEX[cls]
         for field, value in item.items():
             if field in index:
                 values[index[field]] = value
+        if NORMALISED_FIELDS[cls].isdisjoint(item):     # the other values are base's: shared already
+            strings = lists = ()
     elif type(item) is list:            # a snapshot row, in this version's field order
         values = item
     elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
         values = list(item.values())
     else:
         values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
-    strings, lists, history = ENTITY_LAYOUT[cls]
-    for i in strings:       # shared already (base) is shared again at the cost of a lookup
-        if type(values[i]) is str:
-            values[i] = sys.intern(values[i])
+    if tuples is None:
+        for i in strings:
+            if type(values[i]) is str:
+                values[i] = sys.intern(values[i])
+    else:       # loading: one copy of each value, kept in tuples until the load is done
+        same = tuples.setdefault
+        for i in strings:
+            value = values[i]
+            if type(value) is str:
+                values[i] = same(value, value)
     for i in lists:
         words = tuple(values[i])
         known = tuples.get(words) if tuples is not None else None
@@ -1313,7 +1352,10 @@ def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
         values[i] = known
     if history is not None and type(values[history]) is not str:
         values[history] = history_from_json(values[history], history_text)
-    return cls._make(values)
+    entity = tuple.__new__(cls, values)     # cls._make, without the cost of its call
+    if len(entity) != len(cls._fields):
+        raise TypeError(f"{cls.__name__} has {len(cls._fields)} fields, not {len(entity)}")
+    return entity
 
 
 def history_from_json(entries, text=None):
@@ -1389,6 +1431,8 @@ ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIEL
                        [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
                        cls._fields.index("history") if "history" in cls._fields else None)
                  for cls in ENTITY_TYPES.values()}     # the fields entity_from_json normalises, by position
+NORMALISED_FIELDS = {cls: frozenset(f for f in cls._fields if f in SHARED_FIELDS or f in TUPLE_FIELDS)
+                     for cls in ENTITY_TYPES.values()}
 
 
 # --- validation: every field checked, a 400 that names it ---
@@ -1543,7 +1587,7 @@ class State:
         self.meta_changed = False
         self.soft_dirty = False
         self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
-        self.loading = {}       # while loading: one copy of each repeated role list (entity_from_json)
+        self.loading = {}       # while loading: one copy of each repeated value (entity_from_json)
 
     @classmethod
     def from_doc(cls, doc):
@@ -1553,27 +1597,46 @@ class State:
         state.loaded()
         return state
 
-    # State is a load target of the Storage section (load_data), like Documents.
+    # State is a load target of the Storage section (load_data), like Documents. While loading, load, update
+    # and unload fill only the entity maps; loaded derives the indexes from them once, at the end.
 
     def load(self, section, item, history_text=None):
         """Put one entity as storage holds it (a snapshot row or object, or a journal put), recording nothing;
         history_text is a task's history as the snapshot holds it, when the reader has it."""
-        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], item, self.loading,
-                                                   history_text=history_text), record=False)
+        self.loader(section)(item, history_text)
+
+    def loader(self, section):
+        """load for one section, its look-ups done once: for the many entities of a snapshot's section."""
+        cls, entities, tuples = ENTITY_TYPES[section], getattr(self, section), self.loading
+
+        def load(item, history_text=None):
+            entity = entity_from_json(cls, item, tuples, history_text=history_text)
+            entities[entity[0]] = entity        # every entity's key is its first field
+        return load
 
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""
-        before = getattr(self, section)[changes[SECTION_KEYS[section]]]
+        entities = getattr(self, section)
+        before = entities[changes[SECTION_KEYS[section]]]
         if "historyAdd" in changes:
             changes["history"] = history_extend(before.history, changes.pop("historyAdd"))
-        STATE_PUTS[section](self, entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before),
-                            record=False)
+        entities[before[0]] = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before)
 
     def unload(self, section, key):
-        if key in getattr(self, section):
-            STATE_DROPS[section](self, key, record=False)
+        getattr(self, section).pop(key, None)
 
     def loaded(self):
+        """Build the indexes from the loaded entities, as the put_ methods keep them."""
+        for instance_id in self.instances:
+            self.members.setdefault(instance_id, {})
+        for agent in self.agents.values():
+            self.index_agent(agent)
+        for task in self.tasks.values():
+            self.index_task(task)
+        for note in self.notifications.values():
+            self.index_notification(note)
+        for agent_id in self.agents:
+            self.check_room(agent_id)
         self.sort_queues()
         self.loading = None
 
@@ -1647,12 +1710,15 @@ class State:
             self.record("agents", agent.id, old, agent)
         if old is not None and old.instanceId != agent.instanceId:
             self.members.get(old.instanceId, {}).pop(agent.id, None)
+        self.agents[agent.id] = agent
+        self.index_agent(agent)
+        self.check_room(agent.id)
+
+    def index_agent(self, agent):
         self.members.setdefault(agent.instanceId, {})[agent.id] = None
         self.active.setdefault(agent.id, {})
         self.inbox.setdefault(agent.id, {})
         self.unread.setdefault(agent.id, {})
-        self.agents[agent.id] = agent
-        self.check_room(agent.id)
 
     def drop_agent(self, agent_id, record=True):
         agent = self.agents.pop(agent_id)
@@ -1688,12 +1754,18 @@ class State:
                 self.check_room(old.assignedTo)
             if old.lane == "queued" and (task.lane, task.priority) != ("queued", old.priority):
                 self.queued[old.priority].pop(old.id, None)
+        self.tasks[task.id] = task
+        if self.index_task(task):
+            self.check_room(task.assignedTo)
+
+    def index_task(self, task):
+        """Enter a task in its agent's active tasks or in its queue; True when it is active."""
         if task.assignedTo and task.lane in ACTIVE_LANES:
             self.active.setdefault(task.assignedTo, {})[task.id] = None
-            self.check_room(task.assignedTo)
-        elif task.lane == "queued" and task.id not in self.queued[task.priority]:
+            return True
+        if task.lane == "queued" and task.id not in self.queued[task.priority]:
             self.queued[task.priority][task.id] = None      # a task that stays queued keeps its place
-        self.tasks[task.id] = task
+        return False
 
     def drop_task(self, task_id, record=True):
         task = self.tasks.pop(task_id)
@@ -1719,6 +1791,9 @@ class State:
             old = self.notifications.get(note.id)
             self.record("notifications", note.id, old, note)
         self.notifications[note.id] = note
+        self.index_notification(note)
+
+    def index_notification(self, note):
         self.inbox.setdefault(note.agentId, {})[note.id] = None
         unread = self.unread.setdefault(note.agentId, {})
         if note.read:
@@ -3673,7 +3748,7 @@ AGENT_TOKEN_SHAPE = re.compile(r"~[A-Za-z0-9_-]{8,}")
 
 # made once, not per reply; a reply is built fresh from the state and cannot refer to itself, so the encoder
 # need not keep a set of the objects it is inside
-encode_reply = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+encode_reply = compact_encoder(ensure_ascii=False)
 STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 _date_cache = [0, ""]
 

@@ -466,6 +466,42 @@ def test_load_data_rebuilds_the_live_state_from_journal_and_snapshots(open_live,
     assert len(data_files(directory)[0]) == 2
 
 
+def indexes(state):
+    """The indexes a State derives from its entities, in a form that compares: sets where order means
+    nothing, lists where it does (the queues, the inboxes)."""
+    return {"active": {a: set(ids) for a, ids in state.active.items() if ids},
+            "roomy": set(state.roomy),
+            "queued": {p: list(ids) for p, ids in state.queued.items()},
+            "members": {i: set(ids) for i, ids in state.members.items()},
+            "inbox": {a: list(ids) for a, ids in state.inbox.items() if ids},
+            "unread": {a: set(ids) for a, ids in state.unread.items() if ids}}
+
+
+def test_a_start_builds_the_indexes_the_live_bridge_kept(open_live):
+    """A start fills the entity maps from the snapshot and the journal and derives the indexes once at the end:
+    they must be the ones the running bridge kept change by change, through moves between instances, lanes
+    and agents, deletes and reads, both for what the snapshot holds and for what only the journal holds."""
+    live = open_live()
+    ids = populate(live)
+    live.bridge.snapshot()
+    register(live, "mac-1", instanceId="server", maxConcurrentTasks=2)      # moves to another instance
+    register(live, "late", roles=["astronomy"], instanceId="laptop")        # takes the queued P0 task
+    act(live, task_map(live)[ids["progress"]], "complete")
+    put_task(live, ids["review"], lane="queued", assignedTo=None, priority="P2")
+    new_task(live, title="after the snapshot", priority="P2")
+    ok(live.call("DELETE", f"/api/tasks/{ids['released']}"))
+    unread = notify(live, "srv-2", "after the snapshot")
+    ok(live.call("PUT", f"/api/notifications/{unread['id']}/read"))
+    notify(live, "late", "welcome")
+    with live.bridge.lock:
+        before = indexes(live.bridge.state)
+    assert before["active"]["late"] == {ids["queued"]} and "mac-1" in before["members"]["server"]
+    live.crash()
+    again = open_live()
+    with again.bridge.lock:
+        assert indexes(again.bridge.state) == before
+
+
 def test_restart_in_process_keeps_everything_identical(open_live, clock):
     live = open_live()
     ids = populate(live)
@@ -1405,3 +1441,25 @@ def test_a_snapshot_history_with_white_space_is_read_to_compact_text(open_live):
     assert task.history == clawbridge.COMPACT(history)
     longer = clawbridge.add_history(task, clawbridge.Now(0.0, 10 ** 13), "note", "api", None)
     assert len(json.loads(longer)) == clawbridge.HISTORY_LIMIT
+
+
+JSON_SAMPLES = [{}, [], "", "plain", "Ünïcødé ✓ 日本 \u2028 \"quoted\" \\ \n\t\x00", 0, -1, 2 ** 70, 1.5, -0.0,
+                1e300, float("nan"), float("inf"), None, True, False,
+                {"nested": [{"a": [1, [2, [3]]]}, None], "é": "ü", "": [True, 1.25]},
+                [[1796239698218, "updated", "api", "title"]], {1: "int key", 2.5: "float key", None: "n", True: "t"}]
+
+
+@pytest.mark.parametrize("ascii_only", [True, False], ids=["escaped", "utf-8"])
+def test_the_compact_encoder_writes_what_json_dumps_writes(ascii_only):
+    """Data files and replies are encoded by an encoder made once: the text must be json.dumps's, byte for byte,
+    and what json cannot encode is refused the same way; where the C encoder is missing, json's own is used."""
+    encode = clawbridge.compact_encoder(ensure_ascii=ascii_only)
+    for value in JSON_SAMPLES:
+        assert encode(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=ascii_only), value
+    for bad in ({"set": {1}}, [object()], {("tuple", "key"): 1}):
+        with pytest.raises(TypeError):
+            encode(bad)
+    with mock.patch.object(json.encoder, "c_make_encoder", None):
+        fallback = clawbridge.compact_encoder(ensure_ascii=ascii_only)
+    assert fallback.__self__.ensure_ascii is ascii_only     # json.JSONEncoder(...).encode
+    assert all(fallback(value) == encode(value) for value in JSON_SAMPLES)
