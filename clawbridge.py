@@ -555,12 +555,12 @@ ARCHIVE_RE = re.compile(r"archive-(\d{4})-(\d{2})\.jsonl")
 def read_archive_dir(data_dir):
     """{task id: Task} from the archive files of a data dir, oldest month first, later copies winning. A
     torn last line (a crash mid-write) is skipped; the tasks on it are still in the journal."""
-    tasks = {}
+    tasks, memo = {}, {}
     for name in sorted(n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n)):
         with open(os.path.join(data_dir, name), encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    task = entity_from_json(Task, json.loads(line))
+                    task = entity_from_json(Task, json.loads(line), memo)
                 except (ValueError, TypeError):
                     continue
                 tasks[task.id] = task
@@ -1306,18 +1306,12 @@ SHARED_FIELDS = ("lane", "priority", "assignedTo", "preferredInstance", "agentId
                  "hostname", "model")     # values that many entities repeat
 
 
-def shared(value):
-    """One copy of a string that many entities repeat (lanes, agent ids, event names): a large state loaded
-    from disk would otherwise hold a fresh copy in every entity."""
-    return sys.intern(value) if type(value) is str else value
-
-
-def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
+def entity_from_json(cls, item, memo, base=None, history_text=None):
     """Build an entity from its stored JSON: an object, tolerating fields added or dropped between versions,
     or a row of values in this version's field order; with base, an entity that item holds only the changed
-    fields of. Repeated strings and role and tag lists are shared: with tuples (a dict kept while loading)
-    one copy of each, without it strings interned. history_text, when given, is the stored text of item's
-    history list, kept instead of encoding the list again."""
+    fields of. Repeated strings and role and tag lists are shared: memo, a dict the caller keeps for a whole
+    load, holds one copy of each. history_text, when given, is the stored text of item's history list, kept
+    instead of encoding the list again."""
     strings, lists, history = ENTITY_LAYOUT[cls]
     if base is not None:
         values, index = list(base), FIELD_INDEX[cls]
@@ -1332,23 +1326,16 @@ def entity_from_json(cls, item, tuples=None, base=None, history_text=None):
         values = list(item.values())
     else:
         values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
-    if tuples is None:
-        for i in strings:
-            if type(values[i]) is str:
-                values[i] = sys.intern(values[i])
-    else:       # loading: one copy of each value, kept in tuples until the load is done
-        same = tuples.setdefault
-        for i in strings:
-            value = values[i]
-            if type(value) is str:
-                values[i] = same(value, value)
+    same = memo.setdefault
+    for i in strings:
+        value = values[i]
+        if type(value) is str:
+            values[i] = same(value, value)
     for i in lists:
         words = tuple(values[i])
-        known = tuples.get(words) if tuples is not None else None
+        known = memo.get(words)
         if known is None:
-            known = tuple(shared(word) for word in words)
-            if tuples is not None:
-                tuples[known] = known
+            known = memo[words] = tuple(same(word, word) if type(word) is str else word for word in words)
         values[i] = known
     if history is not None and type(values[history]) is not str:
         values[history] = history_from_json(values[history], history_text)
@@ -1607,10 +1594,10 @@ class State:
 
     def loader(self, section):
         """load for one section, its look-ups done once: for the many entities of a snapshot's section."""
-        cls, entities, tuples = ENTITY_TYPES[section], getattr(self, section), self.loading
+        cls, entities, memo = ENTITY_TYPES[section], getattr(self, section), self.loading
 
         def load(item, history_text=None):
-            entity = entity_from_json(cls, item, tuples, history_text=history_text)
+            entity = entity_from_json(cls, item, memo, history_text=history_text)
             entities[entity[0]] = entity        # every entity's key is its first field
         return load
 

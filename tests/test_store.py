@@ -502,6 +502,40 @@ def test_a_start_builds_the_indexes_the_live_bridge_kept(open_live):
         assert indexes(again.bridge.state) == before
 
 
+def test_a_start_keeps_one_copy_of_each_repeated_value(open_live):
+    """What makes a large state fit in memory: the values many entities repeat (lanes, priorities, agent and
+    instance ids, role lists) are one object each after a start, whether they came from the snapshot, from
+    a task the journal holds whole, or from a change the journal holds as the fields it changed."""
+    live = open_live()
+    for n in range(3):
+        register(live, f"a{n}", roles=["dev", "ops"], instanceId="rack", maxConcurrentTasks=5)
+    made = [new_task(live, title=f"t{n}", roles=["dev", "ops"], assignedTo=f"a{n % 3}") for n in range(6)]
+    live.bridge.snapshot()
+    made += [new_task(live, title=f"late {n}", roles=["dev", "ops"], assignedTo=f"a{n % 3}") for n in range(3)]
+    put_task(live, made[0]["id"], title="renamed")                  # a change of no repeated value
+    for task in (made[1], made[7]):                                 # a change of one, to two tasks
+        put_task(live, task["id"], lane="review")
+    for task in (made[2], made[5]):                                 # of three; then assigned again
+        put_task(live, task["id"], lane="queued", assignedTo=None, priority="P3")
+    live.crash()
+    state = open_live().bridge.state
+    tasks = list(state.tasks.values())
+    assert len(tasks) == 9
+
+    def copies(values):
+        return len({id(value) for value in values})
+    assert copies(t.roles for t in tasks) == 1 and tasks[0].roles == ("dev", "ops")
+    for lane in ("assigned", "review"):
+        assert copies(t.lane for t in tasks if t.lane == lane) == 1, lane
+    assert copies(t.priority for t in tasks if t.priority == "P3") == 1
+    assert copies(t.priority for t in tasks if t.priority == tasks[0].priority) == 1
+    for agent in state.agents.values():
+        held = [t.assignedTo for t in tasks if t.assignedTo == agent.id]
+        assert held and copies(held) == 1, agent.id
+    assert copies(a.instanceId for a in state.agents.values()) == 1
+    assert copies([*(a.roles for a in state.agents.values()), tasks[0].roles]) == 1
+
+
 def test_restart_in_process_keeps_everything_identical(open_live, clock):
     live = open_live()
     ids = populate(live)
