@@ -67,6 +67,7 @@ if __name__ == "__main__" and __spec__ is None and getattr(sys, "orig_argv", Non
                 os.close(_code_fd)      # the interpreter cannot be started again: run here, parse tree and all
 
 import argparse
+import binascii
 import bisect
 import collections
 import dataclasses
@@ -449,7 +450,8 @@ def is_loopback(host):
 
 # ===== Storage =====
 # The data dir holds snapshots (snapshot-<seq>.json, one JSON document each: a head line naming the fields
-# of each section, then one entity a line as a row of values; format 1 wrote objects) and journal
+# of each section, then one entity a line as a row of values, then the CRC-32 of all that; format 1 wrote
+# objects, format 2 had no checksum and a task's history as a list, not as its text) and journal
 # segments (journal-<first seq>.jsonl, one JSON record per line: {"seq", "ops": [op, ...], "meta"}, each op
 # ["put", section, entity] for a new entity, ["set", section, {key, changed fields}] for a changed one (a
 # task's history as "historyAdd", the entries added to it), or ["del", section, key]). Each acknowledged
@@ -465,7 +467,11 @@ LOCK_FILE = "lock"
 SECTIONS = ("agents", "instances", "tasks", "notifications", "audit")
 SECTION_KEYS = {"agents": "id", "instances": "instanceId", "tasks": "id", "notifications": "id", "audit": "id"}
 FORMAT_NAME = "clawbridge-state"
-FORMAT_VERSION = 2                  # 2: entities as rows of values, named once in the head's "fields"
+FORMAT_VERSION = 3                  # 2: entities as rows of values, named once in the head's "fields";
+#                                     3: a task's history as its text, and the checksum line at the end
+CHECKSUM_KEY = "checksum"           # the last line of a snapshot: '"checksum":"crc32:<8 hex digits>"}'
+CHECKSUM_LINE = re.compile(r'"checksum":"crc32:([0-9a-f]{8})"\}\n')
+CHECKSUM_SIZE = len('"checksum":"crc32:00000000"}\n')
 
 
 def fsync_dir(path):
@@ -523,22 +529,41 @@ COMPACT = compact_encoder()
 
 
 def entity_row(item, cls):
-    """One entity as a snapshot row: its values in ROW_FIELDS order. item is an entity tuple (a task's
-    history is JSON text already and goes in as it is) or a plain stored object."""
+    """One entity as a snapshot row: its values in field order, a task's history as its text (a JSON
+    string). item is an entity tuple or a plain stored object (a task's history a list)."""
     if type(item) is dict:
-        return COMPACT([item[f] if f in item else cls._field_defaults[f] for f in ROW_FIELDS[cls]])
-    if cls._fields[-1] == "history":
-        return f"[{item[-1]},{COMPACT(item[:-1])[1:]}"
+        values = [item[f] if f in item else cls._field_defaults[f] for f in cls._fields]
+        if cls._fields[-1] == "history" and type(values[-1]) is not str:
+            values[-1] = history_from_json(values[-1])
+        return COMPACT(values)
     return COMPACT(item)
+
+
+SNAPSHOT_BLOCK = 1 << 16    # characters of rows joined into one piece of a snapshot: one write, one checksum step
 
 
 def snapshot_chunks(doc):
     """Serialise a state document piece by piece, so one large json.dumps never holds the interpreter for
-    the whole state while requests wait: the head (with the field names of each section) on the first line,
-    then one entity a line, as a row of values."""
-    head = {k: v for k, v in doc.items() if k not in SECTIONS}
-    head.update(version=FORMAT_VERSION,
-                fields={section: list(ROW_FIELDS[ENTITY_TYPES[section]]) for section in SECTIONS})
+    the whole state while requests wait: snapshot_lines, in pieces of about SNAPSHOT_BLOCK characters, then
+    the checksum line, the CRC-32 of the UTF-8 bytes of everything before it."""
+    crc, block, size = 0, [], 0
+    for text in snapshot_lines(doc):
+        block.append(text)
+        size += len(text)
+        if size >= SNAPSHOT_BLOCK:
+            piece, block, size = "".join(block), [], 0
+            crc = binascii.crc32(piece.encode("utf-8"), crc)
+            yield piece
+    piece = "".join(block)
+    yield piece
+    yield f'"{CHECKSUM_KEY}":"crc32:{binascii.crc32(piece.encode("utf-8"), crc):08x}"}}\n'
+
+
+def snapshot_lines(doc):
+    """A state document as a snapshot's text, up to its checksum line: the head (with the field names of each
+    section) on the first line, then one entity a line, as a row of values."""
+    head = {k: v for k, v in doc.items() if k not in SECTIONS and k != CHECKSUM_KEY}
+    head.update(version=FORMAT_VERSION, fields={section: list(ENTITY_TYPES[section]._fields) for section in SECTIONS})
     yield json.dumps(head, separators=(",", ":"))[:-1]
     for section in SECTIONS:
         cls = ENTITY_TYPES[section]
@@ -546,7 +571,7 @@ def snapshot_chunks(doc):
         for i, item in enumerate(doc.get(section, ())):
             yield ("\n" if i == 0 else ",\n") + entity_row(item, cls)     # entity tuples from State.freeze
         yield "]"
-    yield "}\n"
+    yield ",\n"
 
 
 ARCHIVE_RE = re.compile(r"archive-(\d{4})-(\d{2})\.jsonl")
@@ -605,6 +630,8 @@ class Documents:
         def load(item, history_text=None):
             if type(item) is list:
                 item = dict(zip(fields, item))
+            if type(item.get("history")) is str:        # a task's history as format 3 stores it: its text
+                item["history"] = json.loads(item["history"])
             items[item[key]] = item
         return load
 
@@ -628,7 +655,8 @@ class Documents:
 
 
 class SnapshotLayout(Exception):
-    """A snapshot not laid out one entity a line as snapshot_chunks writes it: it is read whole instead."""
+    """A snapshot not laid out one entity a line as snapshot_chunks writes it, or without its checksum line:
+    it is read whole instead."""
 
 
 SECTION_LINE = re.compile(r'"([a-z]+)":\[(\]?)([,}]?)\n')
@@ -663,41 +691,53 @@ def load_entity(target, path, section, item, fields):
     target.load(section, item if names == ENTITY_TYPES[section]._fields else dict(zip(names, item)))
 
 
-def stream_snapshot(path, f, target):
+def stream_snapshot(path, f, target, checksum):
     """Load a snapshot written by snapshot_chunks a line at a time: each entity goes to the target as soon as
     it is read, so no second copy of the whole state is ever built. Returns the head (format, seq, meta, ...).
-    Anything not exactly in that layout, a truncated file included, raises SnapshotLayout."""
+    Anything not exactly in that layout, a truncated file or a format-3 one without its checksum line
+    included, raises SnapshotLayout; a checksum that does not match, StorageError. checksum() is the CRC-32 of
+    the file's bytes before its checksum line, once f has read it all."""
     try:
         first = f.readline()
         if not (first.startswith("{") and first.endswith(",\n")):
             raise SnapshotLayout()
         head = json.loads(first[:-2] + "}")
         fields = check_snapshot_head(path, head)
+        checked = head.get("version", 0) >= 3      # its rows are vouched for by its checksum line
         target.meta.update(head.get("meta", {}))
-        seen, done = set(), False
-        for line in f:      # a section's line: `"name":[`, or `"name":[]` and `,` or `}`
+        seen, done, verified = set(), False, False
+        for line in f:      # a section's line: `"name":[`, or `"name":[]` and `,` or `}`; or the checksum line
             match = SECTION_LINE.fullmatch(line)
             if done or not match or match.group(1) in seen or bool(match.group(2)) != bool(match.group(3)):
-                raise SnapshotLayout()
+                match = CHECKSUM_LINE.fullmatch(line) if checked and not done else None
+                if match is None:
+                    raise SnapshotLayout()
+                if int(match.group(1), 16) != checksum():
+                    raise StorageError(f"{path} is damaged: its checksum does not match what it holds")
+                done = verified = True
+                continue
             seen.add(match.group(1))
-            done = match.group(3) == "}" if match.group(2) else stream_section(path, f, target, match.group(1), fields)
+            done = match.group(3) == "}" if match.group(2) else stream_section(path, f, target, match.group(1),
+                                                                                fields, checked)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SnapshotLayout() from None
-    if not done:
+    if not done or checked and not verified:
         raise SnapshotLayout()
     return {k: v for k, v in head.items() if k not in SECTIONS}
 
 
-def stream_section(path, f, target, section, fields):
+def stream_section(path, f, target, section, fields, checked):
     """Load the entities of one snapshot section, one a line, up to the line that ends the section. Returns
-    whether the snapshot ends there too."""
-    # rows of this version's fields go to the target as they are; rows that start with a task's history have
-    # it decoded on its own, and its text sliced from the line, not encoded again
+    whether the snapshot ends there too. checked: the file is vouched for by its checksum, so a task's
+    history text in a row is taken as it is."""
+    # rows of this version's fields go to the target as they are; format-2 rows that start with a task's
+    # history have it decoded on its own, and its text sliced from the line, not encoded again
     names, cls = fields.get(section), ENTITY_TYPES.get(section)
     direct = cls is not None and names == cls._fields
-    split = cls is not None and not direct and names == ROW_FIELDS[cls]
+    split = cls is not None and not direct and names == FORMAT_2_FIELDS[cls]
     width = len(names or ())
     load = target.loader(section) if cls is not None else None
+    vouch = checked and direct and cls._fields[-1] == "history"
     for line in f:
         if split and line.startswith("[["):
             entries, cut = RAW_DECODE(line, 1)
@@ -716,7 +756,7 @@ def stream_section(path, f, target, section, fields):
         elif text is not None:      # too many or too few values: load_entity says so
             load_entity(target, path, section, [entries, *item], fields)
         elif direct and type(item) is list and len(item) == width:
-            load(item)
+            load(item, item[-1] if vouch else None)
         elif cls is not None:       # a section this version does not know is skipped
             load_entity(target, path, section, item, fields)
         if after:
@@ -724,13 +764,33 @@ def stream_section(path, f, target, section, fields):
     raise SnapshotLayout()      # the file ends inside the section
 
 
+class ChecksumReader(io.RawIOBase):
+    """A file read through, keeping the CRC-32 of its first `size` bytes as they go by."""
+
+    def __init__(self, raw, size):
+        super().__init__()
+        self.raw, self.left, self.crc = raw, size, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = self.raw.readinto(buffer)
+        if count and self.left > 0:
+            self.crc = binascii.crc32(memoryview(buffer)[:min(count, self.left)], self.crc)
+            self.left -= count
+        return count
+
+
 def read_snapshot(path, new_target):
     """Load one snapshot into a new target; returns (head, target). StorageError when it is not a complete,
     well-formed snapshot; TypeError or ValueError (from the target) when an entity in it is damaged."""
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:
+        with open(path, "rb", buffering=0) as raw:
+            reader = ChecksumReader(raw, os.fstat(raw.fileno()).st_size - CHECKSUM_SIZE)
+            f = io.TextIOWrapper(io.BufferedReader(reader, SNAPSHOT_BLOCK), encoding="utf-8", newline="\n")
             target = new_target()
-            return stream_snapshot(path, f, target), target
+            return stream_snapshot(path, f, target, lambda: reader.crc), target
     except SnapshotLayout:
         pass
     try:     # another layout (written by hand, or by another tool): the whole document at once
@@ -752,7 +812,7 @@ def load_document(path, doc, target):
             raise StorageError(f"{path} is not a clawbridge snapshot ({section} is not a list)")
         for item in items:
             load_entity(target, path, section, item, fields)
-    return {k: v for k, v in doc.items() if k not in SECTIONS}
+    return {k: v for k, v in doc.items() if k not in SECTIONS and k != CHECKSUM_KEY}
 
 
 def decode_line(line):
@@ -1311,7 +1371,9 @@ def entity_from_json(cls, item, memo, base=None, history_text=None):
     or a row of values in this version's field order; with base, an entity that item holds only the changed
     fields of. Repeated strings and role and tag lists are shared: memo, a dict the caller keeps for a whole
     load, holds one copy of each. history_text, when given, is the stored text of item's history list, kept
-    instead of encoding the list again."""
+    instead of encoding the list again; or item's history itself, text the caller vouches for (from a
+    snapshot whose checksum holds, or made by history_extend), taken as it is. Any other history text is
+    decoded and checked."""
     strings, lists, history = ENTITY_LAYOUT[cls]
     if base is not None:
         values, index = list(base), FIELD_INDEX[cls]
@@ -1337,8 +1399,10 @@ def entity_from_json(cls, item, memo, base=None, history_text=None):
         if known is None:
             known = memo[words] = tuple(same(word, word) if type(word) is str else word for word in words)
         values[i] = known
-    if history is not None and type(values[history]) is not str:
-        values[history] = history_from_json(values[history], history_text)
+    if history is not None and (base is None or "history" in item) and values[history] is not history_text:
+        stored = values[history]    # a list of entries, or their text that no one vouched for: checked
+        values[history] = history_from_json(json.loads(stored) if type(stored) is str else stored,
+                                            stored if type(stored) is str else history_text)
     entity = tuple.__new__(cls, values)     # cls._make, without the cost of its call
     if len(entity) != len(cls._fields):
         raise TypeError(f"{cls.__name__} has {len(cls._fields)} fields, not {len(entity)}")
@@ -1374,6 +1438,8 @@ def history_text(entries):
 
 def check_history(entries):
     """ValueError unless entries is a list of [at, event, by, note] (stored history, or entries added to it)."""
+    if type(entries) is not list:
+        raise ValueError("a history is not a list of entries")
     for entry in entries:
         if type(entry) is not list or len(entry) != 4:
             raise ValueError("a history entry is not [at, event, by, note]")
@@ -1410,9 +1476,9 @@ def entity_op(section, key, old, new):
 
 
 FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in ENTITY_TYPES.values()}
-# The field order of snapshot rows: a task's history (its last field) first, where the reader finds its
-# text without decoding the row twice (stream_snapshot); the rest in field order.
-ROW_FIELDS = {cls: ("history", *cls._fields[:-1]) if cls._fields[-1] == "history" else cls._fields
+# The field order of format-2 snapshot rows: a task's history (its last field) first, where the reader found
+# its text without decoding the row twice (stream_section); the rest in field order.
+FORMAT_2_FIELDS = {cls: ("history", *cls._fields[:-1]) if cls._fields[-1] == "history" else cls._fields
               for cls in ENTITY_TYPES.values()}
 ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
                        [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
@@ -1604,10 +1670,11 @@ class State:
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""
         entities = getattr(self, section)
-        before = entities[changes[SECTION_KEYS[section]]]
+        before, text = entities[changes[SECTION_KEYS[section]]], None
         if "historyAdd" in changes:
-            changes["history"] = history_extend(before.history, changes.pop("historyAdd"))
-        entities[before[0]] = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before)
+            changes["history"] = text = history_extend(before.history, changes.pop("historyAdd"))
+        entities[before[0]] = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before,
+                                               history_text=text)
 
     def unload(self, section, key):
         getattr(self, section).pop(key, None)

@@ -633,21 +633,41 @@ def one_entity_a_line(doc, separators=None):
     return "".join(parts) + "}\n"
 
 
-def test_snapshots_of_format_1_and_rows_of_other_fields_load_the_same_state(open_live):
-    """Format 1 wrote one object a line, and format 2 first wrote rows in field order (a task's history
-    last, not first); a row written by a version with other fields (one dropped since, one not known yet) is
-    read by name, the missing field taking its default."""
+def format_2(doc):
+    """A snapshot document (format 3) as format 2 wrote it: no checksum, a task's history a list of entries,
+    first in its row."""
+    fields = {s: list(clawbridge.FORMAT_2_FIELDS[clawbridge.ENTITY_TYPES[s]]) for s in clawbridge.SECTIONS}
+    objects = {s: [dict(zip(doc["fields"][s], row)) for row in doc[s]] for s in clawbridge.SECTIONS}
+    for task in objects["tasks"]:
+        task["history"] = json.loads(task["history"])
+    head = {k: v for k, v in doc.items() if k not in clawbridge.SECTIONS and k != "checksum"}
+    return {**head, "version": 2, "fields": fields,
+            **{s: [[item[f] for f in fields[s]] for item in objects[s]] for s in clawbridge.SECTIONS}}
+
+
+def test_snapshots_of_format_1_and_2_and_rows_of_other_fields_load_the_same_state(open_live):
+    """Format 1 wrote one object a line; format 2 first wrote rows in field order (a task's history last),
+    then with a task's history first, both without a checksum and with the history as a list; a row written
+    by a version with other fields (one dropped since, one not known yet) is read by name, the missing field
+    taking its default."""
     snapshot, doc, expected = a_snapshot(open_live)
-    fields = doc.pop("fields")
-    objects = {s: [dict(zip(fields[s], row)) for row in doc[s]] for s in clawbridge.SECTIONS}
-    snapshot.write_text(one_entity_a_line({**doc, **objects, "version": 1}))
+    assert doc["version"] == 3 and doc["checksum"].startswith("crc32:")
+    old = format_2(doc)
+    fields = old.pop("fields")
+    objects = {s: [dict(zip(fields[s], row)) for row in old[s]] for s in clawbridge.SECTIONS}
+    snapshot.write_text(one_entity_a_line({**old, **objects, "version": 1}))
     assert sections(loaded_state(snapshot).to_doc(0)) == expected
 
     in_field_order = {s: [[item[f] for f in clawbridge.ENTITY_TYPES[s]._fields] for item in objects[s]]
                       for s in clawbridge.SECTIONS}      # as format 2 wrote them first: a task's history last
-    snapshot.write_text(one_entity_a_line({**doc, **in_field_order, "fields": {
+    snapshot.write_text(one_entity_a_line({**old, **in_field_order, "fields": {
         s: list(clawbridge.ENTITY_TYPES[s]._fields) for s in clawbridge.SECTIONS}}))
     assert sections(loaded_state(snapshot).to_doc(0)) == expected
+
+    snapshot.write_text(one_entity_a_line(format_2(doc), separators=(",", ":")))     # format 2 as it was last
+    assert sections(loaded_state(snapshot).to_doc(0)) == expected
+    fields = doc["fields"]
+    objects = {s: [dict(zip(fields[s], row)) for row in doc[s]] for s in clawbridge.SECTIONS}
 
     other = [f for f in fields["tasks"] if f != "tags"] + ["futureField"]
     rows = [[item[f] if f in item else "x" for f in other] for item in objects["tasks"]]
@@ -661,7 +681,7 @@ def test_the_readme_jq_line_turns_snapshot_rows_into_objects(open_live):
     if shutil.which("jq") is None:
         pytest.skip("jq is not installed")
     snapshot, _, expected = a_snapshot(open_live)
-    recipe = ".fields.tasks as $f | .tasks[] | [$f, .] | transpose | map({(.[0]): .[1]}) | add"
+    recipe = ".fields.tasks as $f | .tasks[] | [$f, .] | transpose | map({(.[0]): .[1]}) | add | .history |= fromjson"
     assert recipe in Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
     out = subprocess.run(["jq", "-c", recipe, str(snapshot)], capture_output=True, text=True, check=True).stdout
     assert {t["id"]: t for t in map(json.loads, out.strip().split("\n"))} == expected["tasks"]  # U+2028 in titles
@@ -872,15 +892,18 @@ def corrupt(path, how):
     damaged = {"truncated": data[:len(data) // 2], "garbage": b"\x00" * len(data),
                "not a snapshot": b'{"hello": "world"}\n',
                "damaged entity": data.replace(b'\n["mac-1"', b'\n[0,"mac-1"', 1),     # one value too many
-               "damaged task row": data.replace(b']],"task-', b']],0,"task-', 1),        # after its history
-               "damaged task history": data.replace(b'\n[[[', b'\n[[["x"],', 1),
+               "damaged task row": data.replace(b'\n["task-', b'\n[0,"task-', 1),        # one value too many
+               "damaged task history": data.replace(b'"[[', b'"[[\\"x\\"],', 1),    # still a JSON string
+               "one value changed": data.replace(b'"srv-1"', b'"srv-2"', 1),     # only the checksum tells
+               "no checksum line": data[:data.rindex(b'"checksum"')],
                "damaged field names": data.replace(b'"fields":{"agents":', b'"fields":{"agents":7,"x":', 1)}[how]
     assert damaged != data
     path.write_bytes(damaged)
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "not a snapshot", "damaged entity", "damaged task row",
-                                 "damaged task history", "damaged field names"])
+                                 "damaged task history", "one value changed", "no checksum line",
+                                 "damaged field names"])
 def test_a_corrupt_newest_snapshot_falls_back_to_the_older_one_and_the_journal(start_bridge, how,
                                                                             two_snapshots_and_a_journal):
     before, (older, newer) = two_snapshots_and_a_journal
@@ -1425,29 +1448,45 @@ def test_queue_order_survives_a_restart(tmp_path, clock):
     assert with_restart == without
 
 
-def test_a_snapshot_history_longer_than_the_limit_keeps_the_latest_entries(open_live):
-    """A task's history is read from a snapshot row as its text, except past HISTORY_LIMIT (a hand edit, or a
-    version with a higher limit), where only the latest entries are kept, as after any change."""
+HAND_LAYOUTS = ["format 2", "format 3 without its checksum"]
+
+
+def with_history(doc, layout, history, separators=None):
+    """The text of a snapshot whose first task has the given history (a list of entries), as a hand edit or
+    an older version leaves it: in format 2 (a list, first in the row, read a line at a time), or in format 3
+    without the checksum line that vouches for the rows (its text, read whole and checked). Returns (text,
+    the task's id)."""
+    if layout == "format 2":
+        doc, value = format_2(doc), history
+    else:
+        value = json.dumps(history, separators=separators)
+    fields = doc["fields"]["tasks"]
+    row = doc["tasks"][0]
+    row[fields.index("history")] = value
+    return one_entity_a_line(doc, separators=separators), row[fields.index("id")]
+
+
+@pytest.mark.parametrize("layout", HAND_LAYOUTS)
+def test_a_snapshot_history_longer_than_the_limit_keeps_the_latest_entries(open_live, layout):
+    """A task's history past HISTORY_LIMIT (a hand edit, or a version with a higher limit) keeps only the
+    latest entries, as after any change."""
     snapshot, doc, _ = a_snapshot(open_live)
-    at = doc["fields"]["tasks"].index("history")
     long_history = [[n, "note", "api", f"entry {n}"] for n in range(clawbridge.HISTORY_LIMIT + 5)]
-    doc["tasks"][0][at] = long_history
-    snapshot.write_text(one_entity_a_line(doc))
-    task = loaded_state(snapshot).tasks[doc["tasks"][0][doc["fields"]["tasks"].index("id")]]
-    assert json.loads(task.history) == long_history[-clawbridge.HISTORY_LIMIT:]
+    text, task_id = with_history(doc, layout, long_history)
+    snapshot.write_text(text)
+    assert json.loads(loaded_state(snapshot).tasks[task_id].history) == long_history[-clawbridge.HISTORY_LIMIT:]
 
 
-def test_a_snapshot_history_whose_notes_hold_the_entry_boundary_keeps_counting_right(open_live):
-    """History text taken from a snapshot row must have "],[" only between entries; a note holding it (as an
+@pytest.mark.parametrize("layout", HAND_LAYOUTS)
+def test_a_snapshot_history_whose_notes_hold_the_entry_boundary_keeps_counting_right(open_live, layout):
+    """History text kept from a snapshot must have "],[" only between entries; a note holding it (as an
     agent's verb note may) is written so that it does not, and appends past the limit keep exactly the
     latest entries, in memory and after a restart on the journal."""
     snapshot, doc, _ = a_snapshot(open_live)
-    fields = doc["fields"]["tasks"]
     history = [[n, "note", "api", "x],[y" if n % 2 else "]"] for n in range(clawbridge.HISTORY_LIMIT)]
-    row = doc["tasks"][0]
-    row[fields.index("history")] = history
-    snapshot.write_text(one_entity_a_line(doc, separators=(",", ":")))
-    task = loaded_state(snapshot).tasks[row[fields.index("id")]]
+    text, task_id = with_history(doc, layout, history, separators=(",", ":"))
+    snapshot.write_text(text)
+    task = loaded_state(snapshot).tasks[task_id]
     assert json.loads(task.history) == history and task.history.count("],[") == len(history) - 1
     live = open_live()
     ok(live.call("POST", f"/api/agents/register", {"id": "noter"}))
@@ -1463,18 +1502,50 @@ def test_a_snapshot_history_whose_notes_hold_the_entry_boundary_keeps_counting_r
     assert ok(open_live().call("GET", f"/api/tasks/{task.id}"))["history"] == after
 
 
-def test_a_snapshot_history_with_white_space_is_read_to_compact_text(open_live):
-    """History text taken from a snapshot row must be joined by "],[" as appends count entries; a row laid
-    out with white space (a hand edit) is encoded again, so the limit still holds after appends."""
+@pytest.mark.parametrize("layout", HAND_LAYOUTS)
+def test_a_snapshot_history_with_white_space_is_read_to_compact_text(open_live, layout):
+    """History text kept from a snapshot must be joined by "],[" as appends count entries; one laid out with
+    white space (a hand edit) is encoded again, so the limit still holds after appends."""
     snapshot, doc, _ = a_snapshot(open_live)
-    fields = doc["fields"]["tasks"]
     history = [[n, "note", "api", None] for n in range(clawbridge.HISTORY_LIMIT)]
-    doc["tasks"][0][fields.index("history")] = history
-    snapshot.write_text(one_entity_a_line(doc))      # json.dumps: ", " between values
-    task = loaded_state(snapshot).tasks[doc["tasks"][0][fields.index("id")]]
+    text, task_id = with_history(doc, layout, history)      # json.dumps: ", " between values
+    snapshot.write_text(text)
+    task = loaded_state(snapshot).tasks[task_id]
     assert task.history == clawbridge.COMPACT(history)
     longer = clawbridge.add_history(task, clawbridge.Now(0.0, 10 ** 13), "note", "api", None)
     assert len(json.loads(longer)) == clawbridge.HISTORY_LIMIT
+
+
+@pytest.mark.parametrize("history", ["[[1,2]]", "not json", "{}", "[[1,\"note\",\"api\",null]"])
+def test_a_snapshot_history_text_nobody_vouches_for_is_checked(open_live, history):
+    """A task's history as text is taken as it is only from a snapshot whose checksum holds: read whole (its
+    checksum line gone, say), text that is not a list of [at, event, by, note] is a damaged entry, and the
+    start falls back to the journal."""
+    snapshot, doc, expected = a_snapshot(open_live)
+    doc["tasks"][0][doc["fields"]["tasks"].index("history")] = history
+    snapshot.write_text(one_entity_a_line(doc))
+    state, info = clawbridge.load_data(str(snapshot.parent), target=clawbridge.State)
+    assert [p for p in info["problems"] if snapshot.name in p and "damaged entry" in p], info["problems"]
+    assert sections(state.to_doc(0))["tasks"] == expected["tasks"]
+
+
+def test_a_snapshot_larger_than_a_block_is_checked_whole(tmp_path):
+    """A snapshot is written and checked in pieces of SNAPSHOT_BLOCK characters: one spanning many of them
+    loads back to the same state, and one byte changed in any piece makes it damaged."""
+    state = clawbridge.State()
+    for n in range(400):
+        state.put_task(clawbridge.Task(id=f"task-{n}", title=f"task {n} \u00e9\u2028", description="d" * 500,
+                                       history=clawbridge.COMPACT([[n, "created", None, f"\u00fc {n}"]])))
+    path = tmp_path / f"snapshot-{1:012d}.json"
+    clawbridge.atomic_write(str(path), clawbridge.snapshot_chunks(state.freeze(1)))
+    data = path.read_bytes()
+    assert len(data) > 3 * clawbridge.SNAPSHOT_BLOCK
+    assert loaded_state(path).to_doc(1) == state.to_doc(1)
+    for near in (len(data) // 3, len(data) * 2 // 3, len(data) - 600):
+        at = data.index(b"ddd", near)      # inside a description
+        path.write_bytes(data[:at] + b"e" + data[at + 1:])
+        with pytest.raises(clawbridge.StorageError, match="checksum does not match"):
+            clawbridge.load_data(str(tmp_path), target=clawbridge.State)
 
 
 JSON_SAMPLES = [{}, [], "", "plain", "Ünïcødé ✓ 日本 \u2028 \"quoted\" \\ \n\t\x00", 0, -1, 2 ** 70, 1.5, -0.0,
