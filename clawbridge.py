@@ -70,7 +70,6 @@ import argparse
 import binascii
 import bisect
 import collections
-import dataclasses
 import email.utils
 import errno
 import faulthandler
@@ -87,7 +86,6 @@ import ipaddress
 import json
 import logging
 import math
-import platform
 import re
 import secrets
 import signal
@@ -96,7 +94,6 @@ import struct
 import threading
 import time
 import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple, Optional
 
@@ -235,8 +232,7 @@ class StorageError(Exception):
 # ===== Config =====
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Resolved bridge settings. Built by load_config() from flags, environment, .env and defaults."""
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -3287,7 +3283,7 @@ def render_metrics(bridge):
     journal = bridge.store.journal
     lines = []
     metric(lines, "clawbridge_build_info", "gauge", "Version of the running bridge.",
-           [("", {"version": __version__, "python": platform.python_version()}, 1)])
+           [("", {"version": __version__, "python": sys.version.split()[0]}, 1)])
     metric(lines, "clawbridge_uptime_seconds", "gauge", "Seconds since the bridge started.",
            [("", {}, round(bridge.clock.now().mono - bridge.started.mono, 3))])
     metric(lines, "clawbridge_agents", "gauge", "Agents by status.",
@@ -4388,6 +4384,7 @@ class Alerts:
                 log.exception("webhook delivery of %s failed", alert["event"])
 
     def deliver(self, alert):
+        import urllib.request     # here, not at the top: only a bridge with a webhook needs it (a start saves ~5 ms)
         body = json.dumps(alert).encode()
         delay = self.backoff
         for attempt in range(1, WEBHOOK_TRIES + 1):
@@ -4655,6 +4652,7 @@ def healthcheck(config):
     """--healthcheck: 0 when the bridge at BRIDGE_HOST:BRIDGE_PORT says it is healthy, 1 otherwise."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/health"
+    import urllib.request     # here, not at the top: see Alerts.deliver
     try:
         with urllib.request.urlopen(url, timeout=5) as reply:
             healthy = json.loads(reply.read() or b"{}").get("status") == "ok"
