@@ -1370,39 +1370,47 @@ def entity_from_json(cls, item, memo, base=None, history_text=None):
     instead of encoding the list again; or item's history itself, text the caller vouches for (from a
     snapshot whose checksum holds, or made by history_extend), taken as it is. Any other history text is
     decoded and checked."""
+    return entity_maker(cls, memo)(item, history_text, base)
+
+
+def entity_maker(cls, memo):
+    """entity_from_json for one kind of entity and one memo, its look-ups done once: for the many entities
+    of a load. Returns make(item, history_text=None, base=None)."""
     strings, lists, history = ENTITY_LAYOUT[cls]
-    if base is not None:
-        values, index = list(base), FIELD_INDEX[cls]
-        for field, value in item.items():
-            if field in index:
-                values[index[field]] = value
-        if NORMALISED_FIELDS[cls].isdisjoint(item):     # the other values are base's: shared already
-            strings = lists = ()
-    elif type(item) is list:            # a snapshot row, in this version's field order
-        values = item
-    elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
-        values = list(item.values())
-    else:
-        values = list(cls(**{f: item[f] for f in cls._fields if f in item}))
-    same = memo.setdefault
-    for i in strings:
-        value = values[i]
-        if type(value) is str:
-            values[i] = same(value, value)
-    for i in lists:
-        words = tuple(values[i])
-        known = memo.get(words)
-        if known is None:
-            known = memo[words] = tuple(same(word, word) if type(word) is str else word for word in words)
-        values[i] = known
-    if history is not None and (base is None or "history" in item) and values[history] is not history_text:
-        stored = values[history]    # a list of entries, or their text that no one vouched for: checked
-        values[history] = history_from_json(json.loads(stored) if type(stored) is str else stored,
-                                            stored if type(stored) is str else history_text)
-    entity = tuple.__new__(cls, values)     # cls._make, without the cost of its call
-    if len(entity) != len(cls._fields):
-        raise TypeError(f"{cls.__name__} has {len(cls._fields)} fields, not {len(entity)}")
-    return entity
+    index, normalised, width, same = FIELD_INDEX[cls], NORMALISED_FIELDS[cls], len(cls._fields), memo.setdefault
+
+    def make(item, history_text=None, base=None):
+        if type(item) is list and base is None:     # a snapshot row, in this version's field order
+            values, share = item, True
+        elif base is not None:
+            values = list(base)
+            for field, value in item.items():
+                if field in index:
+                    values[index[field]] = value
+            share = not normalised.isdisjoint(item)     # else the other values are base's: shared already
+        elif tuple(item) == cls._fields:      # as this version writes it: the values in field order
+            values, share = list(item.values()), True
+        else:
+            values, share = list(cls(**{f: item[f] for f in cls._fields if f in item})), True
+        if share:
+            for i in strings:
+                value = values[i]
+                if type(value) is str:
+                    values[i] = same(value, value)
+            for i in lists:
+                words = tuple(values[i])
+                known = memo.get(words)
+                if known is None:
+                    known = memo[words] = tuple(same(word, word) if type(word) is str else word for word in words)
+                values[i] = known
+        if history is not None and values[history] is not history_text and (base is None or "history" in item):
+            stored = values[history]    # a list of entries, or their text that no one vouched for: checked
+            values[history] = history_from_json(json.loads(stored) if type(stored) is str else stored,
+                                                stored if type(stored) is str else history_text)
+        if len(values) != width:
+            raise TypeError(f"{cls.__name__} has {width} fields, not {len(values)}")
+        return tuple.__new__(cls, values)     # cls._make, without the cost of its call
+    return make
 
 
 def history_from_json(entries, text=None):
@@ -1637,6 +1645,7 @@ class State:
         self.soft_dirty = False
         self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
         self.loading = {}       # while loading: one copy of each repeated value (entity_from_json)
+        self.makers = {}        # while loading: {section: its entity_maker}
 
     @classmethod
     def from_doc(cls, doc):
@@ -1656,12 +1665,19 @@ class State:
 
     def loader(self, section):
         """load for one section, its look-ups done once: for the many entities of a snapshot's section."""
-        cls, entities, memo = ENTITY_TYPES[section], getattr(self, section), self.loading
+        entities, make = getattr(self, section), self.maker(section)
 
         def load(item, history_text=None):
-            entity = entity_from_json(cls, item, memo, history_text=history_text)
+            entity = make(item, history_text)
             entities[entity[0]] = entity        # every entity's key is its first field
         return load
+
+    def maker(self, section):
+        """The entity_maker of a section for the load under way."""
+        make = self.makers.get(section)
+        if make is None:
+            make = self.makers[section] = entity_maker(ENTITY_TYPES[section], self.loading)
+        return make
 
     def update(self, section, changes):
         """Apply a journal "set": the fields of an entity that changed. KeyError when it is not there."""
@@ -1669,8 +1685,7 @@ class State:
         before, text = entities[changes[SECTION_KEYS[section]]], None
         if "historyAdd" in changes:
             changes["history"] = text = history_extend(before.history, changes.pop("historyAdd"))
-        entities[before[0]] = entity_from_json(ENTITY_TYPES[section], changes, self.loading, base=before,
-                                               history_text=text)
+        entities[before[0]] = self.maker(section)(changes, text, before)
 
     def unload(self, section, key):
         getattr(self, section).pop(key, None)
@@ -1688,7 +1703,7 @@ class State:
         for agent_id in self.agents:
             self.check_room(agent_id)
         self.sort_queues()
-        self.loading = None
+        self.loading = self.makers = None
 
     def sort_queues(self):
         """Queue order is the order tasks entered the queue (queuedAt), the same before and after a restart."""
