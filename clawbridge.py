@@ -785,6 +785,7 @@ def read_snapshot(path, new_target):
         with open(path, "rb", buffering=0) as raw:
             reader = ChecksumReader(raw, os.fstat(raw.fileno()).st_size - CHECKSUM_SIZE)
             f = io.TextIOWrapper(io.BufferedReader(reader, SNAPSHOT_BLOCK), encoding="utf-8", newline="\n")
+            f._CHUNK_SIZE = SNAPSHOT_BLOCK      # read in pieces of that size, not 8 KB: a third of the reading time
             target = new_target()
             return stream_snapshot(path, f, target, lambda: reader.crc), target
     except SnapshotLayout:
