@@ -576,12 +576,12 @@ ARCHIVE_RE = re.compile(r"archive-(\d{4})-(\d{2})\.jsonl")
 def read_archive_dir(data_dir):
     """{task id: Task} from the archive files of a data dir, oldest month first, later copies winning. A
     torn last line (a crash mid-write) is skipped; the tasks on it are still in the journal."""
-    tasks, memo = {}, {}
+    tasks, make = {}, entity_maker(Task, {})
     for name in sorted(n for n in os.listdir(data_dir) if ARCHIVE_RE.fullmatch(n)):
         with open(os.path.join(data_dir, name), encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    task = entity_from_json(Task, json.loads(line), memo)
+                    task = make(json.loads(line))
                 except (ValueError, TypeError):
                     continue
                 tasks[task.id] = task
@@ -1363,20 +1363,15 @@ SHARED_FIELDS = ("lane", "priority", "assignedTo", "preferredInstance", "agentId
                  "hostname", "model")     # values that many entities repeat
 
 
-def entity_from_json(cls, item, memo, base=None, history_text=None):
-    """Build an entity from its stored JSON: an object, tolerating fields added or dropped between versions,
-    or a row of values in this version's field order; with base, an entity that item holds only the changed
-    fields of. Repeated strings and role and tag lists are shared: memo, a dict the caller keeps for a whole
-    load, holds one copy of each. history_text, when given, is the stored text of item's history list, kept
-    instead of encoding the list again; or item's history itself, text the caller vouches for (from a
-    snapshot whose checksum holds, or made by history_extend), taken as it is. Any other history text is
-    decoded and checked."""
-    return entity_maker(cls, memo)(item, history_text, base)
-
-
 def entity_maker(cls, memo):
-    """entity_from_json for one kind of entity and one memo, its look-ups done once: for the many entities
-    of a load. Returns make(item, history_text=None, base=None)."""
+    """make(item, history_text=None, base=None): build an entity of cls from its stored JSON, its look-ups
+    done once for the many entities of a load. item is an object, tolerating fields added or dropped
+    between versions, or a row of values in this version's field order; with base, an entity that item holds
+    only the changed fields of. Repeated strings and role and tag lists are shared: memo, a dict the caller
+    keeps for a whole load, holds one copy of each. history_text, when given, is the stored text of item's
+    history list, kept instead of encoding the list again; or item's history itself, text the caller
+    vouches for (from a snapshot whose checksum holds, or made by history_extend), taken as it is. Any other
+    history text is decoded and checked."""
     strings, lists, history = ENTITY_LAYOUT[cls]
     index, normalised, width, same = FIELD_INDEX[cls], NORMALISED_FIELDS[cls], len(cls._fields), memo.setdefault
 
@@ -1484,11 +1479,11 @@ FIELD_INDEX = {cls: {field: i for i, field in enumerate(cls._fields)} for cls in
 # The field order of format-2 snapshot rows: a task's history (its last field) first, where the reader found
 # its text without decoding the row twice (stream_section); the rest in field order.
 FORMAT_2_FIELDS = {cls: ("history", *cls._fields[:-1]) if cls._fields[-1] == "history" else cls._fields
-              for cls in ENTITY_TYPES.values()}
+                   for cls in ENTITY_TYPES.values()}
 ENTITY_LAYOUT = {cls: ([i for i, f in enumerate(cls._fields) if f in SHARED_FIELDS],
                        [i for i, f in enumerate(cls._fields) if f in TUPLE_FIELDS],
                        cls._fields.index("history") if "history" in cls._fields else None)
-                 for cls in ENTITY_TYPES.values()}     # the fields entity_from_json normalises, by position
+                 for cls in ENTITY_TYPES.values()}     # the fields entity_maker normalises, by position
 NORMALISED_FIELDS = {cls: frozenset(f for f in cls._fields if f in SHARED_FIELDS or f in TUPLE_FIELDS)
                      for cls in ENTITY_TYPES.values()}
 
@@ -1645,7 +1640,7 @@ class State:
         self.meta_changed = False
         self.soft_dirty = False
         self.offline_after = DEFAULT_OFFLINE_AFTER   # a setting, not data: the bridge sets it from its config
-        self.loading = {}       # while loading: one copy of each repeated value (entity_from_json)
+        self.loading = {}       # while loading: one copy of each repeated value (entity_maker)
         self.makers = {}        # while loading: {section: its entity_maker}
 
     @classmethod
