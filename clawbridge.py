@@ -479,13 +479,13 @@ def fsync_dir(path):
 
 
 def atomic_write(path, chunks, fsync=os.fsync):
-    """Write an iterable of str chunks to path so that readers see the old file or the whole new one, never
-    a part: a temp file in the same dir, flush, fsync, os.replace, fsync the dir; the temp is removed on
+    """Write an iterable of bytes to path so that readers see the old file or the whole new one, never a
+    part: a temp file in the same dir, flush, fsync, os.replace, fsync the dir; the temp is removed on
     failure."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(temp, "w", encoding="utf-8", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+        with open(temp, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
             for chunk in chunks:
                 out.write(chunk)
             out.flush()
@@ -540,19 +540,20 @@ SNAPSHOT_BLOCK = 1 << 16    # characters of rows joined into one piece of a snap
 
 def snapshot_chunks(doc):
     """Serialise a state document piece by piece, so one large json.dumps never holds the interpreter for
-    the whole state while requests wait: snapshot_lines, in pieces of about SNAPSHOT_BLOCK characters, then
-    the checksum line, the CRC-32 of the UTF-8 bytes of everything before it."""
+    the whole state while requests wait: snapshot_lines as UTF-8, in pieces of about SNAPSHOT_BLOCK
+    characters, each encoded once for the file and its checksum, then the checksum line, the CRC-32 of
+    everything before it."""
     crc, block, size = 0, [], 0
     for text in snapshot_lines(doc):
         block.append(text)
         size += len(text)
         if size >= SNAPSHOT_BLOCK:
-            piece, block, size = "".join(block), [], 0
-            crc = binascii.crc32(piece.encode("utf-8"), crc)
+            piece, block, size = "".join(block).encode("utf-8"), [], 0
+            crc = binascii.crc32(piece, crc)
             yield piece
-    piece = "".join(block)
+    piece = "".join(block).encode("utf-8")
     yield piece
-    yield f'"{CHECKSUM_KEY}":"crc32:{binascii.crc32(piece.encode("utf-8"), crc):08x}"}}\n'
+    yield f'"{CHECKSUM_KEY}":"crc32:{binascii.crc32(piece, crc):08x}"}}\n'.encode("ascii")
 
 
 def snapshot_lines(doc):
@@ -1264,7 +1265,7 @@ def backup_data(data_dir, dest, target=Documents, attempts=5):
 def copy_archives(source, dest):
     """Copy the archive files of one data dir into another (whole files, atomically)."""
     for name in sorted(n for n in os.listdir(source) if ARCHIVE_RE.fullmatch(n)):
-        with open(os.path.join(source, name), encoding="utf-8") as f:
+        with open(os.path.join(source, name), "rb") as f:
             atomic_write(os.path.join(dest, name), [f.read()])
 
 

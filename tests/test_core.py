@@ -264,7 +264,7 @@ def test_state_document_round_trip(world):
     world.agent("a1", hostname="mac.local", tailscaleIP="100.64.0.7", metadata={"k": 1})
     world.task(roles=["dev"], tags=["x"])
     world.task(lane="done")
-    copy = cb.State.from_doc(json.loads("".join(cb.snapshot_chunks(world.state.freeze(seq=7)))))
+    copy = cb.State.from_doc(json.loads(b"".join(cb.snapshot_chunks(world.state.freeze(seq=7)))))
     for section in cb.SECTIONS:
         assert getattr(copy, section) == getattr(world.state, section)
     assert copy.active == world.state.active and copy.meta == world.state.meta
@@ -541,7 +541,7 @@ def test_the_threshold_is_twice_the_longest_declared_interval(fleet):
 
 def test_a_restart_gives_every_instance_a_full_threshold(fleet):
     run_for(fleet, 50, beating=["s1", "s2"])
-    restarted = cb.State.from_doc(json.loads("".join(cb.snapshot_chunks(fleet.state.freeze(seq=1)))))
+    restarted = cb.State.from_doc(json.loads(b"".join(cb.snapshot_chunks(fleet.state.freeze(seq=1)))))
     restarted.offline_after = 60
     fleet.state = restarted
     cb.rebaseline(restarted, fleet.clock.now())
